@@ -1,0 +1,233 @@
+"""The public entry points `odeint` and `solve`, argument checking, and `Solution`."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from . import integrate
+from .control import PIController
+from .solvers import Tableau, resolve_solver
+
+ADJOINTS = ("backsolve", "direct")
+
+
+class Solution(eqx.Module):
+    """The result of `jaxode.solve`.
+
+    `zs` has z0's structure with a leading axis of len(ts); `stats` holds the JAX
+    integers nfe, num_steps, num_accepted, num_rejected; `status` is 0 on success
+    (see `jaxode.STATUS_MESSAGES`); `evaluate(t)` gives the state at any t in the span.
+    """
+
+    ts: jax.Array
+    zs: Any
+    stats: dict
+    status: jax.Array
+    history: integrate.DenseHistory | None
+    direction: jax.Array
+    tableau: Tableau = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+
+    def evaluate(self, t):
+        """The state at time t (a scalar inside [ts[0], ts[-1]]) by dense output."""
+        if self.history is None:
+            raise ValueError("evaluate: this solution was made with dense=False")
+        t = jnp.asarray(t, self.history.dt.dtype)
+        if t.ndim != 0:
+            raise ValueError(f"t: expected a scalar time, got shape {t.shape}; use jax.vmap")
+        flat = integrate.evaluate_history(
+            self.tableau, self.history, self.stats["num_accepted"], self.direction * t
+        )
+        return self.unravel(flat)
+
+
+def _check_tolerance(name, value):
+    if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        if not float(value) >= 0:
+            raise ValueError(f"{name}: must be a non-negative number, got {value}")
+    elif not isinstance(value, jax.Array):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+
+
+def _state_dtype(z0):
+    leaves = jax.tree_util.tree_leaves(z0)
+    if not leaves:
+        raise ValueError("z0: the initial state has no arrays")
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"z0: every leaf must be a floating-point array, got dtype "
+                f"{jnp.result_type(leaf)}; use e.g. jnp.asarray(z0, float)"
+            )
+    return jnp.result_type(*leaves)
+
+
+def _describe(tree):
+    return jax.tree_util.tree_map(lambda x: f"{x.dtype}{list(x.shape)}", tree)
+
+
+def _check_vector_field(f, z0, t0, params):
+    try:
+        out = jax.eval_shape(f, z0, t0, params)
+    except TypeError as error:
+        if not callable(f):
+            raise TypeError(f"f: expected a callable f(z, t, params), got {f!r}") from error
+        raise
+    expected = jax.eval_shape(lambda z: z, z0)
+    same_structure = jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(
+        expected
+    )
+    if not same_structure or any(
+        a.shape != b.shape or a.dtype != b.dtype
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(expected))
+    ):
+        raise ValueError(
+            "f: must return dz/dt with the same structure, shapes and dtypes as z; "
+            f"z is {_describe(expected)} but f returned {_describe(out)}"
+        )
+
+
+def solve(
+    f: Callable,
+    z0,
+    ts,
+    params=None,
+    *,
+    solver="dopri5",
+    rtol=1e-6,
+    atol=1e-8,
+    dt0=None,
+    max_steps: int = 4096,
+    adjoint: str = "backsolve",
+    controller: PIController | None = None,
+    throw: bool = True,
+    dense: bool = True,
+) -> Solution:
+    """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
+
+    See `odeint` for the arguments. `dense=True` keeps every step for
+    `Solution.evaluate` (memory: max_steps x (stages + 2) x state size). `throw=False`
+    returns failures in `Solution.status` instead of raising.
+    """
+    tableau = resolve_solver(solver)
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"adjoint: expected one of {ADJOINTS}, got {adjoint!r}")
+    _check_tolerance("rtol", rtol)
+    _check_tolerance("atol", atol)
+    if not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
+    if dt0 is None and not tableau.adaptive:
+        raise ValueError(
+            f"dt0: the fixed-step solver {tableau.name!r} needs a step size dt0"
+        )
+    if dt0 is not None:
+        _check_tolerance("dt0", dt0)
+        if isinstance(dt0, numbers.Real) and dt0 == 0:
+            raise ValueError("dt0: must be non-zero")
+    controller = PIController() if controller is None else controller
+    if not isinstance(controller, PIController):
+        raise TypeError(f"controller: expected a jaxode.PIController, got {controller!r}")
+
+    dtype = _state_dtype(z0)
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1:
+        raise ValueError(f"ts: expected a 1-D array of times, got shape {ts.shape}")
+    if ts.shape[0] < 2:
+        raise ValueError(f"ts: expected at least 2 times, got {ts.shape[0]}")
+    ts_state = ts.astype(dtype)
+    _check_vector_field(f, z0, ts_state[0], params)
+
+    z0_flat, unravel = ravel_pytree(z0)
+    direction = jnp.where(ts_state[-1] >= ts_state[0], 1, -1).astype(dtype)
+
+    def f_flat(tau, z_flat):
+        dz = f(unravel(z_flat), direction * tau, params)
+        return direction * ravel_pytree(dz)[0]
+
+    flat = integrate.solve_flat(
+        f_flat,
+        z0_flat,
+        direction * ts_state,
+        tableau=tableau,
+        rtol=jnp.asarray(rtol, dtype),
+        atol=jnp.asarray(atol, dtype),
+        dt0=None if dt0 is None else jnp.abs(jnp.asarray(dt0, dtype)),
+        max_steps=int(max_steps),
+        controller=controller,
+        dense=dense,
+    )
+    zs_flat = flat.zs
+    if throw:
+        zs_flat = eqx.branched_error_if(
+            zs_flat, flat.status != integrate.SUCCESS, flat.status, integrate.STATUS_MESSAGES
+        )
+    zs = jax.vmap(unravel)(zs_flat)
+    stats = {
+        "nfe": flat.nfe,
+        "num_steps": flat.num_steps,
+        "num_accepted": flat.num_accepted,
+        "num_rejected": flat.num_rejected,
+    }
+    return Solution(
+        ts=ts,
+        zs=zs,
+        stats=stats,
+        status=flat.status,
+        history=flat.history,
+        direction=direction,
+        tableau=tableau,
+        unravel=unravel,
+    )
+
+
+def odeint(
+    f: Callable,
+    z0,
+    ts,
+    params=None,
+    *,
+    solver="dopri5",
+    rtol=1e-6,
+    atol=1e-8,
+    dt0=None,
+    max_steps: int = 4096,
+    adjoint: str = "backsolve",
+    controller: PIController | None = None,
+):
+    """Integrate dz/dt = f(z, t, params) and return z at every time in ts.
+
+    f: `f(z, t, params) -> dz/dt`, z any pytree of floating arrays.
+    z0: the state at ts[0]. ts: 1-D, strictly increasing or strictly decreasing,
+    length >= 2. params: any pytree, or None.
+    solver: a name ("euler", "midpoint", "heun", "ralston", "rk4", "heun_euler",
+    "fehlberg2", "bosh3", "dopri5", "tsit5", "dopri8") or a solver object.
+    rtol, atol: tolerances of the adaptive solvers (Hairer's RMS norm over the state).
+    dt0: the first step (adaptive; chosen automatically when None) or the step size
+    (fixed-step solvers, required). max_steps: the most steps (accepted and rejected);
+    reaching it raises. adjoint: "backsolve" (the paper's adjoint method, constant
+    memory) or "direct" (differentiate the solver's operations). controller: a
+    `jaxode.PIController`.
+
+    Returns zs with z0's structure, each leaf with a leading axis of len(ts).
+    """
+    return solve(
+        f,
+        z0,
+        ts,
+        params,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        dt0=dt0,
+        max_steps=max_steps,
+        adjoint=adjoint,
+        controller=controller,
+        dense=False,
+    ).zs

@@ -1,0 +1,266 @@
+"""The solve: one `lax.while_loop` over Runge-Kutta steps on a flat state vector.
+
+The state pytree is raveled into one vector so that the error norm, the stage
+combinations and the output buffer are plain array operations. Integration
+backwards in time runs forwards in τ = -t on the negated vector field, so the loop
+only ever moves to larger times.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .control import PIController, initial_step, scaled_error
+from .solvers import Tableau
+
+# Run-time outcomes, `Solution.status`.
+SUCCESS = 0
+MAX_STEPS_REACHED = 1
+STEP_SIZE_UNDERFLOW = 2
+NONFINITE_STATE = 3
+TS_NOT_MONOTONIC = 4
+
+STATUS_MESSAGES = (
+    "success",
+    "jaxode: max_steps reached before the end of the integration; raise max_steps, "
+    "loosen rtol/atol, or check the vector field for stiffness",
+    "jaxode: step size underflow (t + dt == t): the step size became too small for the "
+    "floating-point precision of t, the usual float32 failure on stiff or very "
+    "tight-tolerance problems; use float64 or loosen rtol/atol",
+    "jaxode: non-finite state: the vector field produced NaN or inf",
+    "jaxode: ts must be strictly increasing or strictly decreasing",
+)
+
+
+def lincomb(coeffs, vectors):
+    """Σ c_i v_i for static coefficients, skipping zeros (unrolled while tracing)."""
+    terms = [float(c) * v for c, v in zip(coeffs, vectors) if c != 0]
+    if not terms:
+        return jnp.zeros_like(vectors[0])
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def interpolate(tableau: Tableau, z, dt, stages, theta):
+    """Dense output at fraction θ of a step: z + dt Σ_i p_i(θ) K_i."""
+    dense = jnp.asarray(tableau.dense, dtype=z.dtype)
+    powers = theta ** jnp.arange(1, dense.shape[1] + 1, dtype=z.dtype)
+    weights = dense @ powers
+    total = jnp.zeros_like(z)
+    for i, k in enumerate(stages):
+        if tableau.dense[i].any():
+            total = total + weights[i] * k
+    return z + dt * total
+
+
+def rk_step(tableau: Tableau, f, t, z, k1, dt):
+    """The stages k_1..k_s of one explicit RK step and the new state z_1."""
+    stages = [k1]
+    for i in range(1, tableau.num_stages):
+        z_i = z + dt * lincomb(tableau.a[i, :i], stages)
+        stages.append(f(t + tableau.c[i] * dt, z_i))
+    return z + dt * lincomb(tableau.b, stages), stages
+
+
+class DenseHistory(NamedTuple):
+    """Every accepted step, for `Solution.evaluate`: unused rows have t_start = +inf."""
+
+    t_start: jax.Array  # (max_steps,)
+    dt: jax.Array  # (max_steps,)
+    z_start: jax.Array  # (max_steps, n)
+    stages: jax.Array  # (max_steps, s + 1, n)
+
+
+class FlatSolution(NamedTuple):
+    zs: jax.Array  # (len(ts), n); rows never reached are NaN
+    nfe: jax.Array
+    num_steps: jax.Array
+    num_accepted: jax.Array
+    num_rejected: jax.Array
+    status: jax.Array
+    history: DenseHistory | None
+
+
+class _Carry(NamedTuple):
+    t: jax.Array
+    z: jax.Array
+    f0: jax.Array  # f(t, z): the next step's first stage
+    dt: jax.Array
+    previous_error: jax.Array
+    next_output: jax.Array
+    zs: jax.Array
+    num_steps: jax.Array
+    num_accepted: jax.Array
+    nfe: jax.Array
+    status: jax.Array
+    history: DenseHistory | None
+
+
+def solve_flat(
+    f: Callable,
+    z0,
+    taus,
+    *,
+    tableau: Tableau,
+    rtol,
+    atol,
+    dt0,
+    max_steps: int,
+    controller: PIController,
+    dense: bool,
+) -> FlatSolution:
+    """Solve dz/dτ = f(τ, z) on a flat vector z from taus[0] to taus[-1] (increasing).
+
+    `f(τ, z)` takes and returns 1-D arrays of z's dtype. Outputs at every τ in `taus`.
+    """
+    dtype = z0.dtype
+    n = z0.shape[0]
+    num_outputs = taus.shape[0]
+    t0, t_end = taus[0], taus[-1]
+    num_rows = tableau.num_stages + 1
+
+    status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
+    status = jnp.where(jnp.all(jnp.isfinite(z0)), status, NONFINITE_STATE)
+
+    f0 = f(t0, z0)
+    nfe = 1
+    if dt0 is None:
+        dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol)
+        nfe += 1
+    else:
+        dt = jnp.asarray(dt0, dtype)
+
+    zs = jnp.full((num_outputs, n), jnp.nan, dtype).at[0].set(z0)
+    history = None
+    if dense:
+        history = DenseHistory(
+            t_start=jnp.full((max_steps,), jnp.inf, dtype),
+            dt=jnp.ones((max_steps,), dtype),
+            z_start=jnp.zeros((max_steps, n), dtype),
+            stages=jnp.zeros((max_steps, num_rows, n), dtype),
+        )
+    int_ = jnp.int32
+    carry = _Carry(
+        t=t0,
+        z=z0,
+        f0=f0,
+        dt=dt,
+        previous_error=jnp.ones((), dtype),
+        next_output=jnp.ones((), int_),
+        zs=zs,
+        num_steps=jnp.zeros((), int_),
+        num_accepted=jnp.zeros((), int_),
+        nfe=jnp.asarray(nfe, int_),
+        status=jnp.asarray(status, int_),
+        history=history,
+    )
+
+    def save_outputs(zs, next_output, t, z, dt, t_new, z_new, stages, accept):
+        """Fill every output time in (t, t_new] by dense output; steps never shrink for them."""
+
+        def pending(state):
+            index, _ = state
+            return accept & (index < num_outputs) & (taus[jnp.minimum(index, num_outputs - 1)] <= t_new)
+
+        def fill(state):
+            index, zs = state
+            tau = taus[index]
+            value = interpolate(tableau, z, dt, stages, (tau - t) / dt)
+            value = jnp.where(tau == t_new, z_new, value)
+            return index + 1, zs.at[index].set(value)
+
+        next_output, zs = lax.while_loop(pending, fill, (next_output, zs))
+        return zs, next_output
+
+    def step(c: _Carry) -> _Carry:
+        # A last step within rounding of dt is stretched rather than followed by a sliver.
+        last = t_end - c.t <= c.dt * (1 + 100 * jnp.finfo(dtype).eps)
+        dt = jnp.where(last, t_end - c.t, c.dt)
+        t_new = jnp.where(last, t_end, c.t + dt)
+        z_new, stages = rk_step(tableau, f, c.t, c.z, c.f0, dt)
+        f_new = f(t_new, z_new)
+        stages = [*stages, f_new]
+        if tableau.adaptive:
+            error = scaled_error(dt * lincomb(tableau.b_err, stages), c.z, z_new, rtol, atol)
+            accept, dt_next = controller.next_step(
+                dt, error, c.previous_error, tableau.error_order
+            )
+            previous_error = jnp.where(accept, jnp.maximum(error, 1e-4), c.previous_error)
+            nonfinite = ~jnp.isfinite(error)
+        else:
+            nonfinite = ~jnp.all(jnp.isfinite(z_new))
+            accept = ~nonfinite
+            dt_next = c.dt
+            previous_error = c.previous_error
+
+        zs, next_output = save_outputs(
+            c.zs, c.next_output, c.t, c.z, dt, t_new, z_new, stages, accept
+        )
+        history = c.history
+        if dense:
+            slot = c.num_accepted
+            history = DenseHistory(
+                t_start=history.t_start.at[slot].set(jnp.where(accept, c.t, jnp.inf)),
+                dt=history.dt.at[slot].set(dt),
+                z_start=history.z_start.at[slot].set(c.z),
+                stages=history.stages.at[slot].set(jnp.stack(stages)),
+            )
+
+        t = jnp.where(accept, t_new, c.t)
+        num_steps = c.num_steps + 1
+        unfinished = t < t_end
+        status = c.status
+        if tableau.adaptive:
+            underflow = unfinished & (t + dt_next <= t)
+            status = jnp.where(
+                underflow, jnp.where(nonfinite, NONFINITE_STATE, STEP_SIZE_UNDERFLOW), status
+            )
+        else:
+            status = jnp.where(nonfinite, NONFINITE_STATE, status)
+        status = jnp.where(
+            (status == SUCCESS) & unfinished & (num_steps >= max_steps), MAX_STEPS_REACHED, status
+        )
+        return _Carry(
+            t=t,
+            z=jnp.where(accept, z_new, c.z),
+            f0=jnp.where(accept, f_new, c.f0),
+            dt=dt_next,
+            previous_error=previous_error,
+            next_output=next_output,
+            zs=zs,
+            num_steps=num_steps,
+            num_accepted=c.num_accepted + accept.astype(int_),
+            nfe=c.nfe + tableau.num_stages,
+            status=status.astype(int_),
+            history=history,
+        )
+
+    def unfinished(c: _Carry):
+        return (c.t < t_end) & (c.status == SUCCESS)
+
+    c = lax.while_loop(unfinished, step, carry)
+    return FlatSolution(
+        zs=c.zs,
+        nfe=c.nfe,
+        num_steps=c.num_steps,
+        num_accepted=c.num_accepted,
+        num_rejected=c.num_steps - c.num_accepted,
+        status=c.status,
+        history=c.history,
+    )
+
+
+def evaluate_history(tableau: Tableau, history: DenseHistory, num_accepted, tau):
+    """The flat state at τ from the stored steps (τ inside the solved span)."""
+    index = jnp.searchsorted(history.t_start, tau, side="right") - 1
+    index = jnp.clip(index, 0, jnp.maximum(num_accepted - 1, 0))
+    dt = history.dt[index]
+    theta = (tau - history.t_start[index]) / dt
+    stages = list(history.stages[index])
+    return interpolate(tableau, history.z_start[index], dt, stages, theta)

@@ -1,0 +1,437 @@
+"""Explicit Runge-Kutta methods as data.
+
+Every method is a `Tableau`: Butcher coefficients, embedded-error weights and a
+dense-output matrix. One generic step (`rk_step`) serves all of them, so adding a
+method is adding numbers. All arrays are NumPy constants: they are baked into the
+compiled program, and zero coefficients are skipped while tracing.
+
+Conventions. A method has `s` proper stages k_1..k_s. After each step the vector
+field is also evaluated at the new point, f_1 = f(t + dt, z_1); it is the next step's
+k_1, so FSAL methods (dopri5, tsit5, bosh3, dopri8) cost s evaluations a step and the
+others cost the same s as usual. `K = (k_1, ..., k_s, f_1)` has s + 1 rows:
+
+  z_1       = z + dt * sum_i b[i] k_i
+  error     = dt * sum_i b_err[i] K_i                      (adaptive methods only)
+  z(t+θdt)  = z + dt * sum_i sum_j dense[i, j] θ^(j+1) K_i   (θ in [0, 1])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+import numpy as np
+
+F = Fraction
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tableau:
+    name: str
+    a: np.ndarray  # (s, s), strictly lower triangular
+    b: np.ndarray  # (s,)
+    c: np.ndarray  # (s,)
+    order: int
+    b_err: np.ndarray | None = None  # (s + 1,) weights of K giving the local error
+    error_order: int | None = None  # order of the embedded (lower) method
+    dense: np.ndarray | None = None  # (s + 1, degree); None: cubic Hermite is filled in
+
+    def __post_init__(self):
+        if self.dense is None:
+            object.__setattr__(self, "dense", hermite_dense(self.b))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.b)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_err is not None
+
+
+def _lower(rows, s):
+    a = np.zeros((s, s))
+    for i, row in enumerate(rows, start=1):
+        a[i, : len(row)] = [float(x) for x in row]
+    return a
+
+
+def _vec(xs):
+    return np.array([float(x) for x in xs])
+
+
+def hermite_dense(b: np.ndarray) -> np.ndarray:
+    """Cubic Hermite interpolation through (z0, k_1) and (z1, f_1), as a dense matrix.
+
+    z(θ) = z0 + dt [ (3θ²-2θ³) Σ b_i k_i + (θ-2θ²+θ³) k_1 + (-θ²+θ³) f_1 ].
+    """
+    s = len(b)
+    dense = np.zeros((s + 1, 3))  # columns: θ, θ², θ³
+    dense[:s, 1] += 3 * b
+    dense[:s, 2] += -2 * b
+    dense[0] += [1.0, -2.0, 1.0]
+    dense[s] += [0.0, -1.0, 1.0]
+    return dense
+
+
+def quartic_dense(b: np.ndarray, b_mid: np.ndarray) -> np.ndarray:
+    """Quartic through z0, z1, z(1/2) = z0 + dt Σ b_mid K and the slopes k_1, f_1.
+
+    Shampine's dense output for Dormand-Prince 5(4). Each basis polynomial
+    q(θ) = Σ_j α_j θ^j (j = 1..4) is fixed by q'(0), q(1), q'(1), q(1/2).
+    """
+    s = len(b)
+    conditions = np.array(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # q'(0)
+            [1.0, 1.0, 1.0, 1.0],  # q(1)
+            [1.0, 2.0, 3.0, 4.0],  # q'(1)
+            [0.5, 0.25, 0.125, 0.0625],  # q(1/2)
+        ]
+    )
+    rhs = np.zeros((4, s + 1))
+    rhs[0, 0] = 1.0
+    rhs[1, :s] = b
+    rhs[2, s] = 1.0
+    rhs[3] = b_mid
+    return np.linalg.solve(conditions, rhs).T
+
+
+def _poly(scale, power_of_theta, *factors):
+    """Ascending coefficients (θ^1, θ^2, ...) of scale * θ^power * Π factors.
+
+    Each factor is a polynomial in θ given highest power first.
+    """
+    p = np.poly1d([scale] + [0.0] * power_of_theta)
+    for factor in factors:
+        p = p * np.poly1d(factor)
+    return p.coeffs[::-1][1:]
+
+
+def _pad_rows(rows):
+    width = max(len(r) for r in rows)
+    return np.array([np.pad(r, (0, width - len(r))) for r in rows])
+
+
+# ---------------------------------------------------------------- fixed step
+
+EULER = Tableau("euler", a=np.zeros((1, 1)), b=_vec([1]), c=_vec([0]), order=1)
+MIDPOINT = Tableau(
+    "midpoint", a=_lower([[F(1, 2)]], 2), b=_vec([0, 1]), c=_vec([0, F(1, 2)]), order=2
+)
+HEUN = Tableau(
+    "heun", a=_lower([[1]], 2), b=_vec([F(1, 2), F(1, 2)]), c=_vec([0, 1]), order=2
+)
+RALSTON = Tableau(
+    "ralston",
+    a=_lower([[F(2, 3)]], 2),
+    b=_vec([F(1, 4), F(3, 4)]),
+    c=_vec([0, F(2, 3)]),
+    order=2,
+)
+CLASSIC_RK4 = Tableau(
+    "rk4",
+    a=_lower([[F(1, 2)], [0, F(1, 2)], [0, 0, 1]], 4),
+    b=_vec([F(1, 6), F(1, 3), F(1, 3), F(1, 6)]),
+    c=_vec([0, F(1, 2), F(1, 2), 1]),
+    order=4,
+)
+
+# ---------------------------------------------------------------- adaptive
+
+HEUN_EULER = Tableau(
+    "heun_euler",
+    a=_lower([[1]], 2),
+    b=_vec([F(1, 2), F(1, 2)]),
+    c=_vec([0, 1]),
+    order=2,
+    b_err=_vec([F(1, 2) - 1, F(1, 2), 0]),
+    error_order=1,
+)
+
+# Fehlberg's RK1(2): the third stage sits on the first-order solution.
+FEHLBERG2 = Tableau(
+    "fehlberg2",
+    a=_lower([[F(1, 2)], [F(1, 256), F(255, 256)]], 3),
+    b=_vec([F(1, 512), F(255, 256), F(1, 512)]),
+    c=_vec([0, F(1, 2), 1]),
+    order=2,
+    b_err=_vec([F(1, 512) - F(1, 256), 0, F(1, 512), 0]),
+    error_order=1,
+)
+
+BOSH3 = Tableau(
+    "bosh3",
+    a=_lower([[F(1, 2)], [0, F(3, 4)]], 3),
+    b=_vec([F(2, 9), F(1, 3), F(4, 9)]),
+    c=_vec([0, F(1, 2), F(3, 4)]),
+    order=3,
+    b_err=_vec([F(2, 9) - F(7, 24), F(1, 3) - F(1, 4), F(4, 9) - F(1, 3), -F(1, 8)]),
+    error_order=2,
+)
+
+_DOPRI5_B = [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)]
+_DOPRI5_B_LOW = [
+    F(5179, 57600),
+    0,
+    F(7571, 16695),
+    F(393, 640),
+    F(-92097, 339200),
+    F(187, 2100),
+    F(1, 40),
+]
+# Shampine's weights for z at the middle of the step (fourth order there).
+_DOPRI5_B_MID = [
+    F(6025192743, 30085553152) / 2,
+    0,
+    F(51252292925, 65400821598) / 2,
+    F(-2691868925, 45128329728) / 2,
+    F(187940372067, 1594534317056) / 2,
+    F(-1776094331, 19743644256) / 2,
+    F(11237099, 235043384) / 2,
+]
+DOPRI5 = Tableau(
+    "dopri5",
+    a=_lower(
+        [
+            [F(1, 5)],
+            [F(3, 40), F(9, 40)],
+            [F(44, 45), F(-56, 15), F(32, 9)],
+            [F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)],
+            [F(9017, 3168), F(-355, 33), F(46732, 5247), F(49, 176), F(-5103, 18656)],
+        ],
+        6,
+    ),
+    b=_vec(_DOPRI5_B),
+    c=_vec([0, F(1, 5), F(3, 10), F(4, 5), F(8, 9), 1]),
+    order=5,
+    b_err=_vec([x - y for x, y in zip([*_DOPRI5_B, 0], _DOPRI5_B_LOW)]),
+    error_order=4,
+    dense=quartic_dense(_vec(_DOPRI5_B), _vec(_DOPRI5_B_MID)),
+)
+
+# Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the first
+# column simplifying assumption", with its continuous extension.
+_TSIT5_B = np.array(
+    [
+        0.09646076681806523,
+        0.01,
+        0.4798896504144996,
+        1.379008574103742,
+        -3.290069515436081,
+        2.324710524099774,
+    ]
+)
+_TSIT5_B_LOW = np.array(
+    [
+        0.09468075576583945,
+        0.009183565540343254,
+        0.4877705284247616,
+        1.234297566930479,
+        -2.7077123499835256,
+        1.866628418170587,
+        1 / 66,
+    ]
+)
+TSIT5 = Tableau(
+    "tsit5",
+    a=_lower(
+        [
+            [0.161],
+            [-0.008480655492356989, 0.335480655492357],
+            [2.8971530571054935, -6.359448489975075, 4.3622954328695815],
+            [
+                5.325864828439257,
+                -11.748883564062828,
+                7.4955393428898365,
+                -0.09249506636175525,
+            ],
+            [
+                5.86145544294642,
+                -12.92096931784711,
+                8.159367898576159,
+                -0.071584973281401,
+                -0.028269050394068383,
+            ],
+        ],
+        6,
+    ),
+    b=_TSIT5_B,
+    c=np.array([0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0]),
+    order=5,
+    b_err=np.append(_TSIT5_B, 0.0) - _TSIT5_B_LOW,
+    error_order=4,
+    dense=_pad_rows(
+        [
+            _poly(-1.0530884977290216, 1, [1, -1.3299890189751412],
+                  [1, -1.4364028541716351, 0.7139816917074209]),
+            _poly(0.1017, 2, [1, -2.1966568338249754, 1.2949852507374631]),
+            _poly(2.490627285651252793, 2, [1, -2.38535645472061657, 1.57803468208092486]),
+            _poly(-16.54810288924490272, 2, [1, -1.21712927295533244],
+                  [1, -0.61620406037800089]),
+            _poly(47.37952196281928122, 2, [1, -1.203071208372362603],
+                  [1, -0.658047292653547382]),
+            _poly(-34.87065786149660974, 2, [1, -1.2], [1, -2 / 3]),
+            _poly(2.5, 2, [1, -1.0], [1, -0.6]),
+        ]
+    ),
+)
+
+# Prince & Dormand (1981) RK8(7)13M, with Bogacki & Shampine's (1990) interpolant.
+_DOPRI8_B = [
+    F(14005451, 335480064),
+    0,
+    0,
+    0,
+    0,
+    F(-59238493, 1068277825),
+    F(181606767, 758867731),
+    F(561292985, 797845732),
+    F(-1041891430, 1371343529),
+    F(760417239, 1151165299),
+    F(118820643, 751138087),
+    F(-528747749, 2220607170),
+    F(1, 4),
+]
+_DOPRI8_B_LOW = [
+    F(13451932, 455176623),
+    0,
+    0,
+    0,
+    0,
+    F(-808719846, 976000145),
+    F(1757004468, 5645159321),
+    F(656045339, 265891186),
+    F(-3867574721, 1518517206),
+    F(465885868, 322736535),
+    F(53011238, 667516719),
+    F(2, 45),
+    0,
+    0,
+]
+# Rows: K_i; columns: coefficients of θ^6 .. θ^1 (highest first), times θ.
+_DOPRI8_DENSE_HIGH_FIRST = np.array(
+    [
+        [-6.3448349392860401388, 22.1396504998094068976, -30.0610568289666450593,
+         19.9990069333683970610, -6.6910181737837595697, 1.0],
+        [0.0] * 6,
+        [0.0] * 6,
+        [0.0] * 6,
+        [0.0] * 6,
+        [-39.6107919852202505218, 116.4422149550342161651, -121.4999627731334642623,
+         52.2273532792945524050, -7.6142658045872677172, 0.0],
+        [20.3761213808791436958, -67.1451318825957197185, 83.1721004639847717481,
+         -46.8919164181093621583, 10.7281392630428866124, 0.0],
+        [7.3347098826795362023, -16.5672243527496524646, 9.5724507555993664382,
+         -0.1890893225010595467, 0.5526637063753648783, 0.0],
+        [32.8801774352459155182, -89.9916014847245016028, 87.8406057677205645007,
+         -35.7075975946222072821, 4.2186562625665153803, 0.0],
+        [-10.1588990526426760954, 22.6237489648532849093, -17.4152107770762969005,
+         6.2736448083240352160, -0.6627209125361597559, 0.0],
+        [-12.5401268098782561200, 32.2362340167355370113, -28.5903289514790976966,
+         10.3160881272450748458, -1.2636789001135462218, 0.0],
+        [29.5553001484516038033, -82.1020315488359848644, 81.6630950584341412934,
+         -34.7650769866611817349, 5.4106037898590422230, 0.0],
+        [-41.7923486424390588923, 116.2662185791119533462, -114.9375291377009418170,
+         47.7457971078225540396, -7.0321379067945741781, 0.0],
+        [20.3006925822100825485, -53.9020777466385396792, 50.2558364226176017553,
+         -19.0082099341608028453, 2.3537586759714983486, 0.0],
+    ]
+)
+DOPRI8 = Tableau(
+    "dopri8",
+    a=_lower(
+        [
+            [F(1, 18)],
+            [F(1, 48), F(1, 16)],
+            [F(1, 32), 0, F(3, 32)],
+            [F(5, 16), 0, F(-75, 64), F(75, 64)],
+            [F(3, 80), 0, 0, F(3, 16), F(3, 20)],
+            [F(29443841, 614563906), 0, 0, F(77736538, 692538347),
+             F(-28693883, 1125000000), F(23124283, 1800000000)],
+            [F(16016141, 946692911), 0, 0, F(61564180, 158732637),
+             F(22789713, 633445777), F(545815736, 2771057229), F(-180193667, 1043307555)],
+            [F(39632708, 573591083), 0, 0, F(-433636366, 683701615),
+             F(-421739975, 2616292301), F(100302831, 723423059), F(790204164, 839813087),
+             F(800635310, 3783071287)],
+            [F(246121993, 1340847787), 0, 0, F(-37695042795, 15268766246),
+             F(-309121744, 1061227803), F(-12992083, 490766935), F(6005943493, 2108947869),
+             F(393006217, 1396673457), F(123872331, 1001029789)],
+            [F(-1028468189, 846180014), 0, 0, F(8478235783, 508512852),
+             F(1311729495, 1432422823), F(-10304129995, 1701304382),
+             F(-48777925059, 3047939560), F(15336726248, 1032824649),
+             F(-45442868181, 3398467696), F(3065993473, 597172653)],
+            [F(185892177, 718116043), 0, 0, F(-3185094517, 667107341),
+             F(-477755414, 1098053517), F(-703635378, 230739211), F(5731566787, 1027545527),
+             F(5232866602, 850066563), F(-4093664535, 808688257), F(3962137247, 1805957418),
+             F(65686358, 487910083)],
+            [F(403863854, 491063109), 0, 0, F(-5068492393, 434740067),
+             F(-411421997, 543043805), F(652783627, 914296604), F(11173962825, 925320556),
+             F(-13158990841, 6184727034), F(3936647629, 1978049680),
+             F(-160528059, 685178525), F(248638103, 1413531060), 0],
+        ],
+        13,
+    ),
+    b=_vec(_DOPRI8_B),
+    c=_vec([0, F(1, 18), F(1, 12), F(1, 8), F(5, 16), F(3, 8), F(59, 400), F(93, 200),
+            F(5490023248, 9719169821), F(13, 20), F(1201146811, 1299019798), 1, 1]),
+    order=8,
+    b_err=_vec([x - y for x, y in zip([*_DOPRI8_B, 0], _DOPRI8_B_LOW)]),
+    error_order=7,
+    dense=_DOPRI8_DENSE_HIGH_FIRST[:, ::-1].copy(),
+)
+
+class Solver:
+    """A Runge-Kutta method, usable wherever a solver name is (``jaxode.Dopri5()``)."""
+
+    tableau: Tableau
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+def _solver_class(class_name: str, tableau: Tableau, doc: str) -> type[Solver]:
+    return type(class_name, (Solver,), {"tableau": tableau, "__doc__": doc})
+
+
+Euler = _solver_class("Euler", EULER, "Forward Euler, order 1, fixed step.")
+Midpoint = _solver_class("Midpoint", MIDPOINT, "Explicit midpoint, order 2, fixed step.")
+Heun = _solver_class("Heun", HEUN, "Heun's method (explicit trapezoid), order 2, fixed step.")
+Ralston = _solver_class("Ralston", RALSTON, "Ralston's method, order 2, fixed step.")
+RK4 = _solver_class("RK4", CLASSIC_RK4, "The classic Runge-Kutta method, order 4, fixed step.")
+HeunEuler = _solver_class("HeunEuler", HEUN_EULER, "Heun-Euler 2(1), adaptive.")
+Fehlberg2 = _solver_class("Fehlberg2", FEHLBERG2, "Fehlberg's RK1(2), adaptive.")
+Bosh3 = _solver_class("Bosh3", BOSH3, "Bogacki-Shampine 3(2), adaptive, FSAL.")
+Dopri5 = _solver_class("Dopri5", DOPRI5, "Dormand-Prince 5(4), adaptive, FSAL.")
+Tsit5 = _solver_class("Tsit5", TSIT5, "Tsitouras 5(4), adaptive, FSAL.")
+Dopri8 = _solver_class("Dopri8", DOPRI8, "Prince-Dormand 8(7), adaptive, FSAL.")
+
+SOLVERS: dict[str, type[Solver]] = {
+    cls.tableau.name: cls
+    for cls in (
+        Euler, Midpoint, Heun, Ralston, RK4,
+        HeunEuler, Fehlberg2, Bosh3, Dopri5, Tsit5, Dopri8,
+    )
+}
+
+
+def resolve_solver(solver) -> Tableau:
+    """The tableau of a solver given by name, class or instance."""
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(
+                f"solver: unknown solver {solver!r}; expected one of {sorted(SOLVERS)}"
+            )
+        return SOLVERS[solver].tableau
+    if isinstance(solver, Solver) or (isinstance(solver, type) and issubclass(solver, Solver)):
+        return solver.tableau
+    raise TypeError(
+        f"solver: expected a name such as 'dopri5' or a solver object such as "
+        f"jaxode.Dopri5(), got {solver!r}"
+    )
