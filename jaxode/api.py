@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from . import adjoint as adjoint_lib
 from . import integrate
 from .control import PIController
 from .solvers import Tableau, resolve_solver
@@ -109,6 +110,10 @@ def solve(
     controller: PIController | None = None,
     throw: bool = True,
     dense: bool = True,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_solver=None,
+    seminorm: bool = True,
 ) -> Solution:
     """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
 
@@ -147,26 +152,38 @@ def solve(
     z0_flat, unravel = ravel_pytree(z0)
     direction = jnp.where(ts_state[-1] >= ts_state[0], 1, -1).astype(dtype)
 
-    def f_flat(tau, z_flat):
-        dz = f(unravel(z_flat), direction * tau, params)
-        return direction * ravel_pytree(dz)[0]
+    def f_flat(z_flat, t, params):
+        return ravel_pytree(f(unravel(z_flat), t, params))[0]
 
-    flat = integrate.solve_flat(
-        f_flat,
-        z0_flat,
-        direction * ts_state,
+    options = adjoint_lib.Options(
         tableau=tableau,
-        rtol=jnp.asarray(rtol, dtype),
-        atol=jnp.asarray(atol, dtype),
-        dt0=None if dt0 is None else jnp.abs(jnp.asarray(dt0, dtype)),
         max_steps=int(max_steps),
         controller=controller,
         dense=dense,
+        backward_tableau=tableau if adjoint_solver is None else resolve_solver(adjoint_solver),
+        seminorm=bool(seminorm),
+        dt0_given=dt0 is not None,
     )
+    rtol, atol = jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype)
+    tols = adjoint_lib.Tolerances(
+        rtol=rtol,
+        atol=atol,
+        adjoint_rtol=rtol if adjoint_rtol is None else jnp.asarray(adjoint_rtol, dtype),
+        adjoint_atol=atol if adjoint_atol is None else jnp.asarray(adjoint_atol, dtype),
+        dt0=jnp.abs(jnp.asarray(0.0 if dt0 is None else dt0, dtype)),
+    )
+    if adjoint == "backsolve":
+        flat = adjoint_lib.solve_backsolve(f_flat, options, z0_flat, ts_state, params, tols)
+        # The dense history is not differentiated by the adjoint method.
+        flat = flat._replace(history=jax.lax.stop_gradient(flat.history))
+    else:
+        flat = adjoint_lib.solve_direct(f_flat, options, z0_flat, ts_state, params, tols)
     zs_flat = flat.zs
+    # Integer outputs of a custom_vjp still carry (zero) tangents: cut them.
+    status = jax.lax.stop_gradient(flat.status)
     if throw:
         zs_flat = eqx.branched_error_if(
-            zs_flat, flat.status != integrate.SUCCESS, flat.status, integrate.STATUS_MESSAGES
+            zs_flat, status != integrate.SUCCESS, status, integrate.STATUS_MESSAGES
         )
     zs = jax.vmap(unravel)(zs_flat)
     stats = {
@@ -179,7 +196,7 @@ def solve(
         ts=ts,
         zs=zs,
         stats=stats,
-        status=flat.status,
+        status=status,
         history=flat.history,
         direction=direction,
         tableau=tableau,
@@ -200,6 +217,10 @@ def odeint(
     max_steps: int = 4096,
     adjoint: str = "backsolve",
     controller: PIController | None = None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_solver=None,
+    seminorm: bool = True,
 ):
     """Integrate dz/dt = f(z, t, params) and return z at every time in ts.
 
@@ -213,7 +234,9 @@ def odeint(
     (fixed-step solvers, required). max_steps: the most steps (accepted and rejected);
     reaching it raises. adjoint: "backsolve" (the paper's adjoint method, constant
     memory) or "direct" (differentiate the solver's operations). controller: a
-    `jaxode.PIController`.
+    `jaxode.PIController`. adjoint_rtol, adjoint_atol, adjoint_solver: the backward
+    solve's tolerances and method (default: the forward ones). seminorm: leave the
+    parameter adjoint out of the backward error norm (Kidger, Chen & Lyons 2021).
 
     Returns zs with z0's structure, each leaf with a leading axis of len(ts).
     """
@@ -229,5 +252,9 @@ def odeint(
         max_steps=max_steps,
         adjoint=adjoint,
         controller=controller,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_solver=adjoint_solver,
+        seminorm=seminorm,
         dense=False,
     ).zs

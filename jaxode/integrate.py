@@ -85,6 +85,7 @@ class FlatSolution(NamedTuple):
     num_rejected: jax.Array
     status: jax.Array
     history: DenseHistory | None
+    dt_next: jax.Array  # the controller's proposal after the last step
 
 
 class _Carry(NamedTuple):
@@ -114,10 +115,12 @@ def solve_flat(
     max_steps: int,
     controller: PIController,
     dense: bool,
+    error_components: int | None = None,
 ) -> FlatSolution:
     """Solve dz/dτ = f(τ, z) on a flat vector z from taus[0] to taus[-1] (increasing).
 
     `f(τ, z)` takes and returns 1-D arrays of z's dtype. Outputs at every τ in `taus`.
+    `error_components`: only z[:error_components] enters the error norm (a seminorm).
     """
     dtype = z0.dtype
     n = z0.shape[0]
@@ -131,7 +134,7 @@ def solve_flat(
     f0 = f(t0, z0)
     nfe = 1
     if dt0 is None:
-        dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol)
+        dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol, error_components)
         nfe += 1
     else:
         dt = jnp.asarray(dt0, dtype)
@@ -187,11 +190,19 @@ def solve_flat(
         f_new = f(t_new, z_new)
         stages = [*stages, f_new]
         if tableau.adaptive:
-            error = scaled_error(dt * lincomb(tableau.b_err, stages), c.z, z_new, rtol, atol)
+            error = scaled_error(
+                dt * lincomb(tableau.b_err, stages)[:error_components],
+                c.z[:error_components],
+                z_new[:error_components],
+                rtol,
+                atol,
+            )
             accept, dt_next = controller.next_step(
                 dt, error, c.previous_error, tableau.error_order
             )
             previous_error = jnp.where(accept, jnp.maximum(error, 1e-4), c.previous_error)
+            # After a final step shortened to land on t_end, hand on the unshortened proposal.
+            dt_next = jnp.where(last & accept, jnp.maximum(dt_next, c.dt), dt_next)
             nonfinite = ~jnp.isfinite(error)
         else:
             nonfinite = ~jnp.all(jnp.isfinite(z_new))
@@ -253,6 +264,7 @@ def solve_flat(
         num_rejected=c.num_steps - c.num_accepted,
         status=c.status,
         history=c.history,
+        dt_next=c.dt,
     )
 
 
