@@ -14,7 +14,8 @@ only decides where the trajectory is read), and dL/dt_0 = -a(t_0)ᵀ f(z_0, t_0)
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -51,7 +52,9 @@ class Tolerances(NamedTuple):
     dt0: jax.Array  # used when Options.dt0_given
 
 
-def _directed_solve(ff, options: Options, z0, ts, params, consts, tols: Tolerances):
+def _directed_solve(
+    ff, options: Options, z0, ts, params, consts, tols: Tolerances, differentiable=False
+):
     """Solve in user time: ts may decrease; ff(z, t, params, *consts) is the vector field."""
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(z0.dtype)
 
@@ -70,6 +73,7 @@ def _directed_solve(ff, options: Options, z0, ts, params, consts, tols: Toleranc
         controller=options.controller,
         dense=options.dense,
         error_components=options.error_components,
+        differentiable=differentiable,
     )
 
 
@@ -96,7 +100,9 @@ def _backsolve(ff, options, z0, ts, params, consts, tols):
 
 
 def _backsolve_fwd(ff, options, z0, ts, params, consts, tols):
-    solution = _directed_solve(ff, options, z0, ts, params, consts, tols)
+    # The custom_vjp function itself, not its body: differentiating the residuals again
+    # (gradients of gradients) then uses the adjoint method too.
+    solution = _backsolve(ff, options, z0, ts, params, consts, tols)
     return solution, (solution.zs, ts, params, consts, tols)
 
 
@@ -205,7 +211,7 @@ def backward_pass(ff, options: Options, residuals, zs_cotangent):
     )
     diff_bar = unravel_theta(a_theta)
     params_bar, consts_bar = jax.tree_util.tree_map(
-        lambda d, s: _zero_cotangent(s) if d is None else d,
+        lambda d, s: d if d is not None or s is None else _zero_cotangent(s),
         diff_bar,
         (params, consts),
         is_leaf=lambda x: x is None,
@@ -237,4 +243,4 @@ def solve_backsolve(ff: Callable, options: Options, z0, ts, params, tols: Tolera
 
 def solve_direct(ff: Callable, options: Options, z0, ts, params, tols: Tolerances):
     """A solve differentiated through the solver's own operations."""
-    return _directed_solve(lambda z, t, p: ff(z, t, p), options, z0, ts, params, (), tols)
+    return _directed_solve(ff, options, z0, ts, params, (), tols, differentiable=True)

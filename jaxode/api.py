@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -44,7 +45,7 @@ class Solution(eqx.Module):
         if t.ndim != 0:
             raise ValueError(f"t: expected a scalar time, got shape {t.shape}; use jax.vmap")
         flat = integrate.evaluate_history(
-            self.tableau, self.history, self.stats["num_accepted"], self.direction * t
+            self.tableau, self.history, self.stats["num_steps"], self.direction * t
         )
         return self.unravel(flat)
 

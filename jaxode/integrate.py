@@ -8,8 +8,10 @@ only ever moves to larger times.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -116,11 +118,18 @@ def solve_flat(
     controller: PIController,
     dense: bool,
     error_components: int | None = None,
+    differentiable: bool = False,
 ) -> FlatSolution:
     """Solve dz/dτ = f(τ, z) on a flat vector z from taus[0] to taus[-1] (increasing).
 
     `f(τ, z)` takes and returns 1-D arrays of z's dtype. Outputs at every τ in `taus`.
     `error_components`: only z[:error_components] enters the error norm (a seminorm).
+    `differentiable`: make the loop reverse-differentiable (adjoint="direct"): a
+    checkpointed while loop bounded by max_steps (equinox's online recursive
+    checkpointing: memory grows sub-linearly with the steps taken, and a short solve
+    costs only its own steps), outputs saved by a masked update instead of an inner
+    loop, and the step-size decisions held constant, so the result is the exact
+    gradient of the discrete solve with its steps fixed.
     """
     dtype = z0.dtype
     n = z0.shape[0]
@@ -135,6 +144,7 @@ def solve_flat(
     nfe = 1
     if dt0 is None:
         dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol, error_components)
+        dt = lax.stop_gradient(dt)
         nfe += 1
     else:
         dt = jnp.asarray(dt0, dtype)
@@ -181,6 +191,15 @@ def solve_flat(
         next_output, zs = lax.while_loop(pending, fill, (next_output, zs))
         return zs, next_output
 
+    def save_outputs_masked(zs, next_output, t, z, dt, t_new, z_new, stages, accept):
+        """As save_outputs, by evaluating the dense output at every output time: no inner
+        loop to differentiate, O(len(ts)) work per step."""
+        inside = accept & (taus > t) & (taus <= t_new)
+        values = jax.vmap(lambda tau: interpolate(tableau, z, dt, stages, (tau - t) / dt))(taus)
+        values = jnp.where((taus == t_new)[:, None], z_new, values)
+        zs = jnp.where(inside[:, None], values, zs)
+        return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
+
     def step(c: _Carry) -> _Carry:
         # A last step within rounding of dt is stretched rather than followed by a sliver.
         last = t_end - c.t <= c.dt * (1 + 100 * jnp.finfo(dtype).eps)
@@ -197,6 +216,7 @@ def solve_flat(
                 rtol,
                 atol,
             )
+            error = lax.stop_gradient(error)
             accept, dt_next = controller.next_step(
                 dt, error, c.previous_error, tableau.error_order
             )
@@ -210,14 +230,18 @@ def solve_flat(
             dt_next = c.dt
             previous_error = c.previous_error
 
-        zs, next_output = save_outputs(
+        save = save_outputs_masked if differentiable else save_outputs
+        zs, next_output = save(
             c.zs, c.next_output, c.t, c.z, dt, t_new, z_new, stages, accept
         )
         history = c.history
         if dense:
-            slot = c.num_accepted
+            # One row per attempt, each written once. A rejected attempt shares its t_start
+            # with the accepted one that follows, which comes later in the rows and so is
+            # the one `evaluate_history` finds.
+            slot = c.num_steps
             history = DenseHistory(
-                t_start=history.t_start.at[slot].set(jnp.where(accept, c.t, jnp.inf)),
+                t_start=history.t_start.at[slot].set(c.t),
                 dt=history.dt.at[slot].set(dt),
                 z_start=history.z_start.at[slot].set(c.z),
                 stages=history.stages.at[slot].set(jnp.stack(stages)),
@@ -255,7 +279,17 @@ def solve_flat(
     def unfinished(c: _Carry):
         return (c.t < t_end) & (c.status == SUCCESS)
 
-    c = lax.while_loop(unfinished, step, carry)
+    if differentiable:
+        c = eqxi.while_loop(
+            unfinished,
+            step,
+            carry,
+            max_steps=max_steps,
+            buffers=lambda c: c.history,
+            kind="checkpointed",
+        )
+    else:
+        c = lax.while_loop(unfinished, step, carry)
     return FlatSolution(
         zs=c.zs,
         nfe=c.nfe,
@@ -268,10 +302,10 @@ def solve_flat(
     )
 
 
-def evaluate_history(tableau: Tableau, history: DenseHistory, num_accepted, tau):
+def evaluate_history(tableau: Tableau, history: DenseHistory, num_steps, tau):
     """The flat state at τ from the stored steps (τ inside the solved span)."""
     index = jnp.searchsorted(history.t_start, tau, side="right") - 1
-    index = jnp.clip(index, 0, jnp.maximum(num_accepted - 1, 0))
+    index = jnp.clip(index, 0, jnp.maximum(num_steps - 1, 0))
     dt = history.dt[index]
     theta = (tau - history.t_start[index]) / dt
     stages = list(history.stages[index])

@@ -1,0 +1,588 @@
+"""Forward-solve benchmarks: jaxode against diffrax, jax.experimental.ode and torchdiffeq.
+
+    PYTHONPATH=. python -m benchmarks.solve [--section a b c] [--quick]
+
+(a) a neural-ODE workload (MLP field, batch 512, float32) in "joint" and "vmap" batch
+    modes: NFE, steady-state time, first-call (trace + compile + run) time;
+(b) work-precision on four classic problems in float64: error at the final time
+    against scipy's DOP853 at 1e-13, NFE, time per solve;
+(c) overhead of the solver loop: solve time / (NFE x time of one evaluation of f).
+
+Sections run in child processes grouped by precision ((a)+(c) float32, (b) float64),
+so x64 settings never mix. Tables go to stdout, everything to bench_results/solve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .common import (
+    BIAS_STD,
+    first_call,
+    fmt,
+    mlp_field,
+    mlp_params,
+    ms,
+    ratio,
+    table,
+    time_interleaved,
+    us,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("a", "b", "c")
+GROUPS = {"float32": ("a", "c"), "float64": ("b",)}
+
+# (a) and (c): the neural-ODE workload.
+RTOL_A, ATOL_A = 1e-5, 1e-7
+BATCH, NUM_TS, T_END = 512, 50, 5.0
+MAX_STEPS_A = 4096
+MODES = ("joint", "vmap")
+JAX_SYSTEMS = ("jaxode", "diffrax", "jax.experimental.ode")
+
+# (b): work-precision.
+TOLS_B = (1e-4, 1e-6, 1e-8, 1e-10)
+METHODS_B = ("dopri5", "tsit5", "dopri8")
+MAX_STEPS_B = 100_000
+
+
+def config(quick: bool) -> dict:
+    if quick:
+        return dict(quick=True, repeats_a=3, compile_repeats=1, repeats_b=3,
+                    min_sample_b=0.005, tols_b=(1e-4, 1e-8), repeats_c=3, evals_c=200)
+    return dict(quick=False, repeats_a=15, compile_repeats=3, repeats_b=9,
+                min_sample_b=0.02, tols_b=TOLS_B, repeats_c=15, evals_c=1000)
+
+
+def counting(f, counter: list):
+    """f that also counts its executed (batched) evaluations in counter[0].
+
+    The count is a host callback whose (zero) result feeds f's output, so XLA keeps
+    one per evaluation actually executed; under vmap it is called once per batched
+    evaluation (vmap_method="expand_dims"). Only for NFE runs, never for timing.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def tick(t):
+        counter[0] += 1
+        return np.zeros(np.shape(t), np.asarray(t).dtype)
+
+    def g(z, t, params):
+        dz = f(z, t, params)
+        t = jnp.asarray(t, dz.dtype)
+        zero = jax.pure_callback(tick, jax.ShapeDtypeStruct(t.shape, t.dtype), t,
+                                 vmap_method="expand_dims")
+        return dz + 0 * jnp.sum(zero)
+
+    return g
+
+
+# ================================================================ (a) and (c)
+
+
+def _workload():
+    import jax.numpy as jnp
+
+    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in mlp_params(0)]
+    rng = np.random.default_rng(1)
+    z0 = jnp.asarray(rng.standard_normal((BATCH, 2)).astype(np.float32))
+    ts = jnp.linspace(0.0, T_END, NUM_TS, dtype=jnp.float32)
+    return params, z0, ts
+
+
+def _mlp_solver(system: str, mode: str, field, ts, with_stats: bool):
+    """fn(z0, params) -> zs (or stats) for one JAX system and batch mode."""
+    import diffrax
+    import jax
+    import jax.experimental.ode as jode
+
+    import jaxode
+
+    if system == "jaxode":
+        if with_stats:
+            def fn(z0, params):
+                return jaxode.solve(field, z0, ts, params, rtol=RTOL_A, atol=ATOL_A,
+                                    max_steps=MAX_STEPS_A, dense=False).stats
+        else:
+            def fn(z0, params):
+                return jaxode.odeint(field, z0, ts, params, rtol=RTOL_A, atol=ATOL_A,
+                                     max_steps=MAX_STEPS_A)
+    elif system == "diffrax":
+        def fn(z0, params):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, args: field(y, t, args)),
+                diffrax.Dopri5(), ts[0], ts[-1], None, z0, args=params,
+                saveat=diffrax.SaveAt(ts=ts),
+                stepsize_controller=diffrax.PIDController(rtol=RTOL_A, atol=ATOL_A),
+                max_steps=MAX_STEPS_A,
+            )
+            return dict(sol.stats) if with_stats else sol.ys
+    else:
+        def fn(z0, params):
+            zs = jode.odeint(field, z0, ts, params, rtol=RTOL_A, atol=ATOL_A)
+            return {"zs": zs} if with_stats else zs
+    return fn if mode == "joint" else jax.vmap(fn, in_axes=(0, None))
+
+
+def _build_mlp_system(cache: dict, system: str, mode: str, compile_repeats: int):
+    """Compile (timing the first call) and count the NFE of one system; memoised."""
+    key = (system, mode)
+    if key in cache:
+        return cache[key]
+    import jax
+
+    params, z0, ts = _workload()
+    firsts = []
+    compiled = None
+    for _ in range(compile_repeats):
+        # A fresh closure each time, so no tracing or compilation cache is reused.
+        field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
+        compiled, times = first_call(_mlp_solver(system, mode, field, ts, False), z0, params)
+        firsts.append(times)
+    first = {k: statistics.median(t[k] for t in firsts) for k in firsts[0]}
+
+    counter = [0]
+    stats_fn = jax.jit(_mlp_solver(system, mode, counting(mlp_field, counter), ts, True))
+    stats = jax.block_until_ready(stats_fn(z0, params))
+    counter[0] = 0
+    stats = jax.device_get(jax.block_until_ready(stats_fn(z0, params)))
+    entry = {"fn": compiled, "args": (z0, params), "nfe": counter[0], "first": first}
+    if system == "jaxode":
+        entry["nfe_stats_max"] = int(np.max(stats["nfe"]))
+        entry["nfe_stats_mean"] = float(np.mean(stats["nfe"]))
+    if system in ("jaxode", "diffrax"):
+        entry["steps_max"] = int(np.max(stats["num_steps"]))
+        entry["steps_mean"] = float(np.mean(stats["num_steps"]))
+        rejected = stats.get("num_rejected", stats.get("num_rejected_steps"))
+        entry["rejected_max"] = int(np.max(rejected))
+    cache[key] = entry
+    return entry
+
+
+def _torch_system(params_np, z0_np, ts_np):
+    """Runners for torchdiffeq (joint mode only), the NFE and the first-call time."""
+    import time
+
+    import torch
+    import torchdiffeq
+
+    class Field:
+        def __init__(self):
+            self.layers = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in params_np]
+            self.nfe = 0
+
+        def __call__(self, t, z):
+            self.nfe += 1
+            h = torch.cat([z, t.reshape(1, 1).expand(z.shape[0], 1).to(z.dtype)], dim=-1)
+            (w1, b1), (w2, b2), (w3, b3) = self.layers
+            h = torch.tanh(h @ w1 + b1)
+            h = torch.tanh(h @ w2 + b2)
+            return h @ w3 + b3
+
+    field = Field()
+    z0, ts = torch.from_numpy(z0_np), torch.from_numpy(ts_np)
+    default_threads = torch.get_num_threads()
+
+    def runner(threads):
+        def run():
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                torchdiffeq.odeint(field, z0, ts, rtol=RTOL_A, atol=ATOL_A, method="dopri5")
+
+        return run
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    field.nfe = 0
+    runner(1)()
+    first = time.perf_counter() - start
+    nfe = field.nfe
+    return {"1": runner(1), str(default_threads): runner(default_threads)}, nfe, first
+
+
+def section_a(cfg: dict, cache: dict) -> dict:
+    import jax
+
+    params, z0, ts = _workload()
+    rows = []
+    timed = {}
+    for system in JAX_SYSTEMS:
+        for mode in MODES:
+            entry = _build_mlp_system(cache, system, mode, cfg["compile_repeats"])
+            fn, args = entry["fn"], entry["args"]
+            timed[f"{system}/{mode}"] = lambda fn=fn, args=args: fn(*args)
+    runners, torch_nfe, torch_first = _torch_system(
+        [(np.asarray(w), np.asarray(b)) for w, b in params], np.asarray(z0), np.asarray(ts)
+    )
+    for threads, run in runners.items():
+        timed[f"torchdiffeq-{threads}t/joint"] = run
+    times = time_interleaved(timed, cfg["repeats_a"])  # torch runners return None
+
+    def row(name, mode, entry, t_key):
+        jx = cache[("jaxode", mode)]
+        steady = times[t_key]["median"]
+        first = entry.get("first") if entry else None
+        compile_s = first["lower"] + first["compile"] if first else None
+        jx_compile = jx["first"]["lower"] + jx["first"]["compile"]
+        return {
+            "system": name, "mode": mode,
+            "steps_max": entry.get("steps_max") if entry else None,
+            "nfe_executed": entry["nfe"] if entry else torch_nfe,
+            "steady_s": steady, "steady_min_s": times[t_key]["min"],
+            "lower_s": first["lower"] if first else None,
+            "compile_s": compile_s,
+            "first_call_s": first["total"] if first else None,
+            "jaxode_over_this_time": ratio(times[f"jaxode/{mode}"]["median"], steady),
+            "jaxode_over_this_compile": ratio(jx_compile, compile_s),
+            **({k: entry[k] for k in entry if k.startswith(("nfe_stats", "steps_", "rej"))}
+               if entry else {}),
+        }
+
+    for mode in MODES:
+        for system in JAX_SYSTEMS:
+            rows.append(row(system, mode, cache[(system, mode)], f"{system}/{mode}"))
+    for threads in runners:
+        r = row(f"torchdiffeq ({threads} thr)", "joint", None, f"torchdiffeq-{threads}t/joint")
+        r["first_call_s"] = torch_first if threads == "1" else None
+        rows.append(r)
+
+    printed = [[r["system"], r["mode"], fmt(r["steps_max"]), fmt(r["nfe_executed"]),
+                ms(r["steady_s"]), fmt(r["lower_s"], ".2f"), fmt(r["compile_s"], ".2f"),
+                fmt(r["first_call_s"], ".2f"), fmt(r["jaxode_over_this_time"], ".2f"),
+                fmt(r["jaxode_over_this_compile"], ".2f")] for r in rows]
+    jx = {m: cache[("jaxode", m)] for m in MODES}
+    note = (
+        f"steps: max over lanes; NFE: evaluations of f executed (counted; under vmap one "
+        f"batched call counts once).\n"
+        f"jaxode stats nfe, max over lanes: joint {jx['joint']['nfe_stats_max']}, vmap "
+        f"{jx['vmap']['nfe_stats_max']} (mean per lane {jx['vmap']['nfe_stats_mean']:.0f}).\n"
+        f"compile = trace/lower + XLA compile; 1st call = compile + first run; median of "
+        f"{cfg['compile_repeats']} fresh closures. steady: median of {cfg['repeats_a']}, "
+        f"interleaved.\ntorchdiffeq has no vmap (joint only); its 1st call is the first "
+        f"call in the process (1 thread)."
+    )
+    print(table(
+        f"(a) MLP field 2(+t)-64-64-2, batch {BATCH}, {NUM_TS} outputs on [0, {T_END:g}], "
+        f"dopri5 rtol={RTOL_A:g} atol={ATOL_A:g}, float32",
+        ["system", "mode", "steps", "NFE", "steady ms", "lower s", "compile s", "1st call s",
+         "jaxode/this time", "jaxode/this compile"],
+        printed, note))
+
+    targets = []
+    for mode in MODES:
+        j, d = cache[("jaxode", mode)], cache[("diffrax", mode)]
+        t = ratio(times[f"jaxode/{mode}"]["median"], times[f"diffrax/{mode}"]["median"])
+        c = ratio(j["first"]["lower"] + j["first"]["compile"],
+                  d["first"]["lower"] + d["first"]["compile"])
+        n = ratio(j["nfe"], d["nfe"])
+        targets += [
+            {"target": f"{mode}: steady time <= 1.0x diffrax", "value": t, "met": t <= 1.0},
+            {"target": f"{mode}: compile time <= 0.5x diffrax", "value": c, "met": c <= 0.5},
+            {"target": f"{mode}: NFE within 5% of diffrax", "value": n,
+             "met": abs(n - 1) <= 0.05},
+        ]
+    _print_targets("(a) targets", targets)
+    return {"rows": rows, "targets": targets,
+            "settings": {"rtol": RTOL_A, "atol": ATOL_A, "batch": BATCH, "num_ts": NUM_TS,
+                         "t_end": T_END, "bias_std": BIAS_STD, "max_steps": MAX_STEPS_A}}
+
+
+def _print_targets(title, targets):
+    print(table(title, ["target", "jaxode/diffrax", "met"],
+                [[t["target"], fmt(t["value"], ".3f"), fmt(t["met"])] for t in targets]))
+
+
+def section_c(cfg: dict, cache: dict) -> dict:
+    import jax
+    from jax import lax
+
+    params, z0, ts = _workload()
+    n = cfg["evals_c"]
+    timed, loops = {}, {}
+    for mode in MODES:
+        f = mlp_field if mode == "joint" else jax.vmap(mlp_field, in_axes=(0, None, None))
+
+        def chain(z, p, f=f):
+            # N evaluations, each feeding the next, as a stage update would.
+            return lax.fori_loop(0, n, lambda i, z: z + 1e-3 * f(z, 0.005 * i, p), z)
+
+        loops[mode] = jax.jit(chain).lower(z0, params).compile()
+        timed[f"eval/{mode}"] = lambda loop=loops[mode]: loop(z0, params)
+        for system in ("jaxode", "diffrax"):
+            entry = _build_mlp_system(cache, system, mode, 1)
+            timed[f"{system}/{mode}"] = lambda e=entry: e["fn"](*e["args"])
+    times = time_interleaved(timed, cfg["repeats_c"])
+
+    rows, targets = [], []
+    for mode in MODES:
+        t_eval = times[f"eval/{mode}"]["median"] / n
+        for system in ("jaxode", "diffrax"):
+            nfe = cache[(system, mode)]["nfe"]
+            solve = times[f"{system}/{mode}"]["median"]
+            rows.append({"system": system, "mode": mode, "nfe_executed": nfe,
+                         "eval_s": t_eval, "ideal_s": nfe * t_eval, "solve_s": solve,
+                         "overhead": solve / (nfe * t_eval)})
+        over = rows[-2]["overhead"]
+        targets.append({"target": f"{mode}: jaxode overhead <= 1.1", "value": over,
+                        "met": over <= 1.1})
+    print(table(
+        "(c) loop overhead: solve time / (NFE x one batched evaluation of f)",
+        ["system", "mode", "NFE", "f eval us", "NFE x eval ms", "solve ms", "overhead"],
+        [[r["system"], r["mode"], fmt(r["nfe_executed"]), us(r["eval_s"]), ms(r["ideal_s"]),
+          ms(r["solve_s"]), fmt(r["overhead"], ".2f")] for r in rows],
+        f"f eval: lax.fori_loop of {n} chained evaluations z <- z + 1e-3 f(z, t) on the "
+        f"({BATCH}, 2) batch (vmap mode: jax.vmap(f)); medians of {cfg['repeats_c']}, "
+        f"interleaved with the solves."))
+    print(table("(c) targets", ["target", "value", "met"],
+                [[t["target"], fmt(t["value"], ".3f"), fmt(t["met"])] for t in targets]))
+    return {"rows": rows, "targets": targets, "evals_per_loop": n}
+
+
+# ================================================================ (b)
+
+
+def lotka_volterra(y, t, xp):
+    x, v = y[0], y[1]
+    return xp.stack([1.5 * x - x * v, -3.0 * v + x * v])
+
+
+def van_der_pol(y, t, xp):
+    x, v = y[0], y[1]
+    return xp.stack([v, 1.0 * (1 - x**2) * v - x])
+
+
+ARENSTORF_MU = 0.012277471
+
+
+def arenstorf(y, t, xp):
+    x, vx, yy, vy = y[0], y[1], y[2], y[3]
+    mu, nu = ARENSTORF_MU, 1 - ARENSTORF_MU
+    d1 = ((x + mu) ** 2 + yy**2) ** 1.5
+    d2 = ((x - nu) ** 2 + yy**2) ** 1.5
+    ax = x + 2 * vy - nu * (x + mu) / d1 - mu * (x - nu) / d2
+    ay = yy - 2 * vx - nu * yy / d1 - mu * yy / d2
+    return xp.stack([vx, ax, vy, ay])
+
+
+def kepler(y, t, xp):
+    q1, q2, p1, p2 = y[0], y[1], y[2], y[3]
+    r3 = (q1**2 + q2**2) ** 1.5
+    return xp.stack([p1, p2, -q1 / r3, -q2 / r3])
+
+
+_E = 0.5
+PROBLEMS_B = {
+    "lotka-volterra": (lotka_volterra, [1.0, 1.0], 10.0),
+    "van der pol mu=1": (van_der_pol, [2.0, 0.0], 20.0),
+    "arenstorf": (arenstorf, [0.994, 0.0, 0.0, -2.00158510637908252240537862224],
+                  17.0652165601579625588917206249),
+    "kepler e=0.5": (kepler, [1 - _E, 0.0, 0.0, math.sqrt((1 + _E) / (1 - _E))],
+                     2 * math.pi),
+}
+
+
+def _b_solver(system, method, problem, field):
+    """fn(y0, rtol, atol) -> (y(T), nfe or num_steps) for one system and method."""
+    import diffrax
+    import jax.numpy as jnp
+
+    import jaxode
+
+    _, _, t_end = PROBLEMS_B[problem]
+    if system == "jaxode":
+        ts = jnp.array([0.0, t_end])
+
+        def fn(y0, rtol, atol):
+            sol = jaxode.solve(field, y0, ts, None, solver=method, rtol=rtol, atol=atol,
+                               max_steps=MAX_STEPS_B, dense=False)
+            return sol.zs[-1], sol.stats["num_steps"]
+
+        return fn
+    solver = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8}[method]
+
+    def fn(y0, rtol, atol):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: field(y, t, args)), solver(), 0.0, t_end, None,
+            y0, saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=MAX_STEPS_B,
+        )
+        return sol.ys[-1], sol.stats["num_steps"]
+
+    return fn
+
+
+def section_b(cfg: dict, cache: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from scipy.integrate import solve_ivp
+
+    assert jax.config.jax_enable_x64, "section (b) runs in float64"
+    tols = cfg["tols_b"]
+    rows = []
+    for problem, (f, y0_list, t_end) in PROBLEMS_B.items():
+        ref = solve_ivp(lambda t, y, f=f: f(y, t, np), (0.0, t_end), np.array(y0_list),
+                        method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
+        y0 = jnp.asarray(y0_list, jnp.float64)
+        for method in METHODS_B:
+            timed, found = {}, {}
+            for system in ("jaxode", "diffrax"):
+                field = lambda y, t, p, f=f: f(y, t, jnp)  # noqa: E731
+                tol0 = jnp.asarray(tols[0], jnp.float64)
+                compiled, first = first_call(
+                    lambda *a, fn=_b_solver(system, method, problem, field): fn(*a)[0],
+                    y0, tol0, tol0)
+                counter = [0]
+                counted = jax.jit(_b_solver(system, method, problem, counting(
+                    lambda y, t, p, f=f: f(y, t, jnp), counter)))
+                for tol in tols:
+                    tol_ = jnp.asarray(tol, jnp.float64)
+                    y_end = np.asarray(compiled(y0, tol_, tol_))
+                    counter[0] = 0
+                    _, steps = jax.block_until_ready(counted(y0, tol_, tol_))
+                    found[(system, tol)] = {
+                        "error": float(np.max(np.abs(y_end - ref))),
+                        "nfe": counter[0], "steps": int(steps),
+                        "compile_s": first["lower"] + first["compile"],
+                    }
+                    timed[f"{system}/{tol}"] = (
+                        lambda c=compiled, t=tol_: c(y0, t, t))
+            times = time_interleaved(timed, cfg["repeats_b"], cfg["min_sample_b"])
+            for tol in tols:
+                j, d = found[("jaxode", tol)], found[("diffrax", tol)]
+                tj, td = times[f"jaxode/{tol}"]["median"], times[f"diffrax/{tol}"]["median"]
+                rows.append({
+                    "problem": problem, "method": method, "tol": tol,
+                    "jaxode": {**j, "time_s": tj}, "diffrax": {**d, "time_s": td},
+                    "error_ratio": ratio(j["error"], d["error"]), "time_ratio": tj / td,
+                })
+        print(f"  (b) {problem}: done", file=sys.stderr, flush=True)
+
+    printed = [[r["problem"], r["method"], f"{r['tol']:.0e}",
+                fmt(r["jaxode"]["error"], ".2e"), fmt(r["diffrax"]["error"], ".2e"),
+                fmt(r["error_ratio"], ".2f"), fmt(r["jaxode"]["nfe"]), fmt(r["diffrax"]["nfe"]),
+                us(r["jaxode"]["time_s"]), us(r["diffrax"]["time_s"]),
+                fmt(r["time_ratio"], ".2f")] for r in rows]
+    print(table(
+        "(b) work-precision, float64, rtol = atol = tol, error = max |y(T) - y_ref(T)|",
+        ["problem", "method", "tol", "err jaxode", "err diffrax", "err j/d", "NFE j",
+         "NFE d", "us j", "us d", "time j/d"],
+        printed,
+        "y_ref: scipy DOP853 at rtol = atol = 1e-13. time: median per solve, jitted, "
+        "tolerances passed as traced scalars (one compile per problem and method)."))
+
+    summary, targets = [], []
+    for method in METHODS_B:
+        rs = [r for r in rows if r["method"] == method]
+        geo = math.exp(statistics.mean(math.log(r["time_ratio"]) for r in rs))
+        err_ok = sum(r["jaxode"]["error"] <= r["diffrax"]["error"] for r in rs)
+        err_geo = math.exp(statistics.mean(math.log(r["error_ratio"]) for r in rs))
+        nfe_geo = math.exp(statistics.mean(
+            math.log(r["jaxode"]["nfe"] / r["diffrax"]["nfe"]) for r in rs))
+        summary.append([method, fmt(geo, ".2f"), fmt(min(r["time_ratio"] for r in rs), ".2f"),
+                        fmt(max(r["time_ratio"] for r in rs), ".2f"), fmt(nfe_geo, ".2f"),
+                        fmt(err_geo, ".2f"), f"{err_ok}/{len(rs)}"])
+        targets.append({"target": f"{method}: time per solve <= 0.5x diffrax (geo. mean)",
+                        "value": geo, "met": geo <= 0.5})
+        targets.append({"target": f"{method}: error <= diffrax's at equal tol (all runs)",
+                        "value": err_ok / len(rs), "met": err_ok == len(rs)})
+    print(table("(b) summary over problems and tolerances (jaxode/diffrax)",
+                ["method", "time geo", "time min", "time max", "NFE geo", "error geo",
+                 "error <= diffrax"], summary))
+    _print_targets("(b) targets", targets)
+    return {"rows": rows, "targets": targets, "tols": list(tols)}
+
+
+# ================================================================ driver
+
+RUNNERS = {"a": section_a, "b": section_b, "c": section_c}
+
+
+def worker(args) -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", args.worker == "float64")
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(1.0))  # backend start-up, not timed
+    cfg = config(args.quick)
+    cache: dict = {}
+    results = {}
+    for section in sorted(args.section):
+        results[section] = RUNNERS[section](cfg, cache)
+    Path(args.json).write_text(json.dumps(results, default=_jsonable))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    return str(x)
+
+
+def _meta(args) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("jax", "jaxlib", "equinox", "diffrax", "torch", "torchdiffeq", "scipy",
+                 "jaxode"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "sections": sorted(args.section), "quick": args.quick, "versions": versions,
+        "python": platform.python_version(), "machine": platform.platform(),
+        "cpu_count": os.cpu_count(), "config": config(args.quick),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--section", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="sections to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run")
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "solve.json"),
+                        help="where to write the JSON results")
+    parser.add_argument("--worker", choices=tuple(GROUPS), help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+
+    results = {"meta": _meta(args)}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    for group, sections in GROUPS.items():
+        chosen = [s for s in sections if s in args.section]
+        if not chosen:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "results.json"
+            command = [sys.executable, "-m", "benchmarks.solve", "--worker", group,
+                       "--json", str(out), "--section", *chosen]
+            if args.quick:
+                command.append("--quick")
+            subprocess.run(command, env=env, cwd=ROOT, check=True)
+            results.update(json.loads(out.read_text()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=_jsonable))
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()
