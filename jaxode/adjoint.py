@@ -118,7 +118,6 @@ def backward_pass(ff, options: Options, residuals, zs_cotangent):
     differentiable, static = _split_differentiable((params, consts))
     theta0, unravel_theta = ravel_pytree(differentiable)
     theta0 = theta0.astype(dtype)
-    num_theta = theta0.shape[0]
 
     def field(z, t, diff):
         p, c = eqx.combine(diff, static)

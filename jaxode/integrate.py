@@ -179,7 +179,8 @@ def solve_flat(
 
         def pending(state):
             index, _ = state
-            return accept & (index < num_outputs) & (taus[jnp.minimum(index, num_outputs - 1)] <= t_new)
+            next_tau = taus[jnp.minimum(index, num_outputs - 1)]
+            return accept & (index < num_outputs) & (next_tau <= t_new)
 
         def fill(state):
             index, zs = state
