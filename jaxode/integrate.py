@@ -62,12 +62,14 @@ def interpolate(tableau: Tableau, z, dt, stages, theta):
 
 
 def rk_step(tableau: Tableau, f, t, z, k1, dt):
-    """The stages k_1..k_s of one explicit RK step and the new state z_1."""
-    stages = [k1]
+    """One explicit RK step: the new state z_1, the stages k_1..k_s, and the points
+    (z_i) at which they were evaluated."""
+    stages, points = [k1], [z]
     for i in range(1, tableau.num_stages):
         z_i = z + dt * lincomb(tableau.a[i, :i], stages)
         stages.append(f(t + tableau.c[i] * dt, z_i))
-    return z + dt * lincomb(tableau.b, stages), stages
+        points.append(z_i)
+    return z + dt * lincomb(tableau.b, stages), stages, points
 
 
 class DenseHistory(NamedTuple):
@@ -105,7 +107,51 @@ class _Carry(NamedTuple):
     history: DenseHistory | None
 
 
-def solve_flat(
+class StepRecord(NamedTuple):
+    """What one step attempt evaluated: for quadratures alongside the solve."""
+
+    t: jax.Array
+    dt: jax.Array
+    points: list  # z_i, i = 1..s
+    accept: jax.Array
+
+
+class Stepper(NamedTuple):
+    init: Callable  # () -> carry
+    step: Callable  # carry -> (carry, StepRecord)
+    unfinished: Callable  # carry -> bool
+    finish: Callable  # carry -> FlatSolution
+
+
+def solve_flat(f: Callable, z0, taus, *, differentiable: bool = False, **options) -> FlatSolution:
+    """Solve dz/dτ = f(τ, z) on a flat vector z from taus[0] to taus[-1] (increasing).
+
+    `f(τ, z)` takes and returns 1-D arrays of z's dtype. Outputs at every τ in `taus`.
+    `options`: those of `make_stepper`.
+    `differentiable`: make the loop reverse-differentiable (adjoint="direct"): a
+    checkpointed while loop bounded by max_steps (equinox's online recursive
+    checkpointing: memory grows sub-linearly with the steps taken, and a short solve
+    costs only its own steps), outputs saved by a masked update instead of an inner
+    loop, and the step-size decisions held constant, so the result is the exact
+    gradient of the discrete solve with its steps fixed.
+    """
+    stepper = make_stepper(f, z0, taus, differentiable=differentiable, **options)
+    step = lambda c: stepper.step(c)[0]
+    if differentiable:
+        final = eqxi.while_loop(
+            stepper.unfinished,
+            step,
+            stepper.init(),
+            max_steps=options["max_steps"],
+            buffers=lambda c: c.history,
+            kind="checkpointed",
+        )
+    else:
+        final = lax.while_loop(stepper.unfinished, step, stepper.init())
+    return stepper.finish(final)
+
+
+def make_stepper(
     f: Callable,
     z0,
     taus,
@@ -119,17 +165,12 @@ def solve_flat(
     dense: bool,
     error_components: int | None = None,
     differentiable: bool = False,
-) -> FlatSolution:
-    """Solve dz/dτ = f(τ, z) on a flat vector z from taus[0] to taus[-1] (increasing).
+) -> Stepper:
+    """The pieces of the solve of dz/dτ = f(τ, z) (see `solve_flat`), for loops that
+    drive them: `solve_flat`, and the lane-batched backward pass of the adjoint.
 
-    `f(τ, z)` takes and returns 1-D arrays of z's dtype. Outputs at every τ in `taus`.
     `error_components`: only z[:error_components] enters the error norm (a seminorm).
-    `differentiable`: make the loop reverse-differentiable (adjoint="direct"): a
-    checkpointed while loop bounded by max_steps (equinox's online recursive
-    checkpointing: memory grows sub-linearly with the steps taken, and a short solve
-    costs only its own steps), outputs saved by a masked update instead of an inner
-    loop, and the step-size decisions held constant, so the result is the exact
-    gradient of the discrete solve with its steps fixed.
+    `dt0`: the first step, or None to choose it (Hairer's algorithm).
     """
     dtype = z0.dtype
     n = z0.shape[0]
@@ -137,42 +178,43 @@ def solve_flat(
     t0, t_end = taus[0], taus[-1]
     num_rows = tableau.num_stages + 1
 
-    status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
-    status = jnp.where(jnp.all(jnp.isfinite(z0)), status, NONFINITE_STATE)
-
-    f0 = f(t0, z0)
-    nfe = 1
-    if dt0 is None:
-        dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol, error_components)
-        dt = lax.stop_gradient(dt)
-        nfe += 1
-    else:
-        dt = jnp.asarray(dt0, dtype)
-
-    zs = jnp.full((num_outputs, n), jnp.nan, dtype).at[0].set(z0)
-    history = None
-    if dense:
-        history = DenseHistory(
-            t_start=jnp.full((max_steps,), jnp.inf, dtype),
-            dt=jnp.ones((max_steps,), dtype),
-            z_start=jnp.zeros((max_steps, n), dtype),
-            stages=jnp.zeros((max_steps, num_rows, n), dtype),
-        )
     int_ = jnp.int32
-    carry = _Carry(
-        t=t0,
-        z=z0,
-        f0=f0,
-        dt=dt,
-        previous_error=jnp.ones((), dtype),
-        next_output=jnp.ones((), int_),
-        zs=zs,
-        num_steps=jnp.zeros((), int_),
-        num_accepted=jnp.zeros((), int_),
-        nfe=jnp.asarray(nfe, int_),
-        status=jnp.asarray(status, int_),
-        history=history,
-    )
+
+    def init() -> _Carry:
+        status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
+        status = jnp.where(jnp.all(jnp.isfinite(z0)), status, NONFINITE_STATE)
+        f0 = f(t0, z0)
+        nfe = 1
+        if dt0 is None:
+            dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol, error_components)
+            dt = lax.stop_gradient(dt)
+            nfe += 1
+        else:
+            dt = jnp.asarray(dt0, dtype)
+
+        zs = jnp.full((num_outputs, n), jnp.nan, dtype).at[0].set(z0)
+        history = None
+        if dense:
+            history = DenseHistory(
+                t_start=jnp.full((max_steps,), jnp.inf, dtype),
+                dt=jnp.ones((max_steps,), dtype),
+                z_start=jnp.zeros((max_steps, n), dtype),
+                stages=jnp.zeros((max_steps, num_rows, n), dtype),
+            )
+        return _Carry(
+            t=t0,
+            z=z0,
+            f0=f0,
+            dt=dt,
+            previous_error=jnp.ones((), dtype),
+            next_output=jnp.ones((), int_),
+            zs=zs,
+            num_steps=jnp.zeros((), int_),
+            num_accepted=jnp.zeros((), int_),
+            nfe=jnp.asarray(nfe, int_),
+            status=jnp.asarray(status, int_),
+            history=history,
+        )
 
     def save_outputs(zs, next_output, t, z, dt, t_new, z_new, stages, accept):
         """Fill every output time in (t, t_new] by dense output; steps never shrink for them."""
@@ -206,7 +248,7 @@ def solve_flat(
         last = t_end - c.t <= c.dt * (1 + 100 * jnp.finfo(dtype).eps)
         dt = jnp.where(last, t_end - c.t, c.dt)
         t_new = jnp.where(last, t_end, c.t + dt)
-        z_new, stages = rk_step(tableau, f, c.t, c.z, c.f0, dt)
+        z_new, stages, points = rk_step(tableau, f, c.t, c.z, c.f0, dt)
         f_new = f(t_new, z_new)
         stages = [*stages, f_new]
         if tableau.adaptive:
@@ -262,6 +304,7 @@ def solve_flat(
         status = jnp.where(
             (status == SUCCESS) & unfinished & (num_steps >= max_steps), MAX_STEPS_REACHED, status
         )
+        record = StepRecord(t=c.t, dt=dt, points=points, accept=accept)
         return _Carry(
             t=t,
             z=jnp.where(accept, z_new, c.z),
@@ -275,32 +318,24 @@ def solve_flat(
             nfe=c.nfe + tableau.num_stages,
             status=status.astype(int_),
             history=history,
-        )
+        ), record
 
     def unfinished(c: _Carry):
         return (c.t < t_end) & (c.status == SUCCESS)
 
-    if differentiable:
-        c = eqxi.while_loop(
-            unfinished,
-            step,
-            carry,
-            max_steps=max_steps,
-            buffers=lambda c: c.history,
-            kind="checkpointed",
+    def finish(c: _Carry) -> FlatSolution:
+        return FlatSolution(
+            zs=c.zs,
+            nfe=c.nfe,
+            num_steps=c.num_steps,
+            num_accepted=c.num_accepted,
+            num_rejected=c.num_steps - c.num_accepted,
+            status=c.status,
+            history=c.history,
+            dt_next=c.dt,
         )
-    else:
-        c = lax.while_loop(unfinished, step, carry)
-    return FlatSolution(
-        zs=c.zs,
-        nfe=c.nfe,
-        num_steps=c.num_steps,
-        num_accepted=c.num_accepted,
-        num_rejected=c.num_steps - c.num_accepted,
-        status=c.status,
-        history=c.history,
-        dt_next=c.dt,
-    )
+
+    return Stepper(init=init, step=step, unfinished=unfinished, finish=finish)
 
 
 def evaluate_history(tableau: Tableau, history: DenseHistory, num_steps, tau):

@@ -1,0 +1,432 @@
+"""Gradients of `jaxode.odeint` / `jaxode.solve`: the backsolve adjoint and "direct".
+
+References are central finite differences of tight-tolerance solves and closed forms.
+Every gradient function is jitted once at module level and shared between tests (XLA
+compilation dominates the cost of this file), so the core tests compile: one
+finite-difference reference, one gradient per adjoint, one second-order gradient and
+the backsolve memory probes. Tests that need further compilations are marked slow.
+
+Error scales: the solves run at rtol = atol = 1e-10 (gradients) and 1e-12 (finite
+differences, step 1e-5, whose truncation error is ~1e-10 here). Both adjoints then
+agree with the finite differences to ~1e-9 relative; the bounds below (1e-6) are a
+thousand times looser than that but far below the O(1) error of a wrong sign, a
+missing term or a gradient that silently comes out as zero.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jax
+import jax.numpy as jnp
+import jaxode
+
+
+GRAD_TOL = 1e-10  # rtol = atol of the solves that are differentiated
+FD_TOL = 1e-12  # rtol = atol of the finite-difference reference solves
+FD_STEP = 1e-5
+REL = 1e-6  # bound on the error of a gradient, relative to the largest entry
+
+TS = {
+    "increasing": np.array([0.1, 0.6, 1.3, 2.0]),
+    "decreasing": np.array([2.0, 1.4, 0.7, 0.1]),  # integration backwards in time
+}
+WEIGHTS = np.array([0.5, 1.0, -0.7, 1.5])  # loss weights of the four output times
+
+
+# ------------------------------------------------------------------------ the problem
+# A pytree state (a tuple of two arrays of different sizes), a time-dependent tanh
+# network as params (a dict of arrays), and a vector `c` that f closes over.
+
+
+def _problem(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    params = {
+        "W1": 0.5 * rng.normal(size=(4, 5)),
+        "b1": 0.3 * rng.normal(size=4),
+        "wt": 0.5 * rng.normal(size=4),
+        "W2": 0.5 * rng.normal(size=(5, 4)),
+    }
+    z0 = (np.array([0.5, -0.3]), np.array([0.8, 0.2, -0.6]))
+    c = np.array([1.2, 0.8, -0.9, 1.1, 0.7])
+    cast = functools.partial(jax.tree_util.tree_map, lambda x: jnp.asarray(x, dtype))
+    return cast(z0), cast(params), cast(c)
+
+
+def field(z, t, params, c):
+    x, v = z
+    y = jnp.concatenate([x, v])
+    h = jnp.tanh(params["W1"] @ y + params["b1"] + t * params["wt"])
+    out = c * (params["W2"] @ h) - 0.1 * y
+    return out[:2], out[2:]
+
+
+def loss(z0, ts, params, c, tols, *, adjoint, seminorm=True, adjoint_solver=None):
+    """A weighted sum of squares over the four output times."""
+    zs = jaxode.odeint(
+        lambda z, t, p: field(z, t, p, c),  # c is closed over, not passed as params
+        z0,
+        ts,
+        params,
+        rtol=tols["rtol"],
+        atol=tols["atol"],
+        adjoint=adjoint,
+        adjoint_rtol=tols["adjoint_rtol"],
+        adjoint_atol=tols["adjoint_atol"],
+        adjoint_solver=adjoint_solver,
+        seminorm=seminorm,
+    )
+    weights = jnp.asarray(WEIGHTS, ts.dtype)
+    return sum(jnp.sum(weights * jnp.sum(leaf**2, axis=1)) for leaf in zs)
+
+
+def tolerances(tol, adjoint_tol=None, dtype=np.float64):
+    """Tolerances as traced arguments, so that changing them does not recompile."""
+    adjoint_tol = tol if adjoint_tol is None else adjoint_tol
+    return {
+        "rtol": jnp.asarray(tol, dtype),
+        "atol": jnp.asarray(tol, dtype),
+        "adjoint_rtol": jnp.asarray(adjoint_tol, dtype),
+        "adjoint_atol": jnp.asarray(adjoint_tol, dtype),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("adjoint", "seminorm", "adjoint_solver"))
+def loss_and_grad(z0, ts, params, c, tols, *, adjoint, seminorm, adjoint_solver):
+    fn = functools.partial(loss, adjoint=adjoint, seminorm=seminorm, adjoint_solver=adjoint_solver)
+    return jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(z0, ts, params, c, tols)
+
+
+def gradient(direction, adjoint, *, tol=GRAD_TOL, adjoint_tol=None, seminorm=True,
+             adjoint_solver=None, dtype=np.float64):
+    z0, params, c = _problem(dtype)
+    ts = jnp.asarray(TS[direction], dtype)
+    value, grads = loss_and_grad(
+        z0, ts, params, c, tolerances(tol, adjoint_tol, dtype),
+        adjoint=adjoint, seminorm=seminorm, adjoint_solver=adjoint_solver,
+    )
+    return float(value), jax.tree_util.tree_map(np.asarray, grads)
+
+
+@functools.cache
+def cached_gradient(direction, adjoint):
+    return gradient(direction, adjoint)
+
+
+@jax.jit
+def _central_differences(flat, tols):
+    _, unravel = ravel_pytree(_args("increasing"))
+
+    def flat_loss(x):
+        return loss(*unravel(x), tols, adjoint="backsolve")  # forward only
+
+    eye = jnp.eye(flat.size, dtype=flat.dtype)
+    return jax.vmap(
+        lambda e: (flat_loss(flat + FD_STEP * e) - flat_loss(flat - FD_STEP * e)) / (2 * FD_STEP)
+    )(eye)
+
+
+def _args(direction):
+    z0, params, c = _problem()
+    return z0, jnp.asarray(TS[direction]), params, c
+
+
+@functools.cache
+def finite_differences(direction):
+    """dL/d(z0, ts, params, c) by central differences, with the gradient's structure."""
+    flat, unravel = ravel_pytree(_args(direction))
+    return jax.tree_util.tree_map(np.asarray, unravel(_central_differences(flat, tolerances(FD_TOL))))
+
+
+def assert_tree_close(actual, expected, rel, what=""):
+    """Every leaf within rel x (the largest entry of the whole expected tree)."""
+    scale = max(np.max(np.abs(x)) for x in jax.tree_util.tree_leaves(expected))
+    assert scale > 0
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    actual_leaves = jax.tree_util.tree_leaves(actual)
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+    for (path, e), a in zip(paths, actual_leaves):
+        np.testing.assert_allclose(
+            a, e, rtol=0, atol=rel * scale, err_msg=f"{what} {jax.tree_util.keystr(path)}"
+        )
+
+
+def relative_difference(a, b):
+    a = ravel_pytree(a)[0]
+    b = ravel_pytree(b)[0]
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# -------------------------------------------------------- gradients vs finite differences
+
+
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+@pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+def test_gradient_matches_finite_differences(adjoint, direction):
+    """dL/dz0 (a tuple state), dL/dts (every time, first and last included), dL/dparams
+    (a dict) and dL/dc (closed over by f), for both adjoints and both time directions."""
+    _, grads = cached_gradient(direction, adjoint)
+    reference = finite_differences(direction)
+    names = ["z0", "ts", "params", "closed-over c"]
+    for name, g, r in zip(names, grads, reference):
+        # Each part has gradients of order one: a dropped or zeroed part fails here.
+        assert np.max(np.abs(ravel_pytree(r)[0])) > 1e-2, name
+        assert_tree_close(g, r, REL, f"{adjoint} {direction} d/d{name}")
+    # Every output time matters, including ts[0] and ts[-1].
+    assert np.all(np.abs(grads[1]) > 1e-3)
+
+
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+def test_backsolve_agrees_with_direct(direction):
+    value_b, grads_b = cached_gradient(direction, "backsolve")
+    value_d, grads_d = cached_gradient(direction, "direct")
+    assert value_b == pytest.approx(value_d, rel=1e-9)
+    difference = relative_difference(grads_b, grads_d)
+    print(f"{direction}: max |backsolve - direct| / max |direct| = {difference:.2e}")
+    assert difference < REL
+
+
+def test_adjoint_tolerances_are_used():
+    """adjoint_rtol/adjoint_atol are accepted and control the backward solve only: a
+    loose backward tolerance (with the forward one tight) gives a visibly less accurate
+    gradient than a tight one, still a close approximation."""
+    reference = finite_differences("increasing")
+    _, tight = cached_gradient("increasing", "backsolve")
+    value, loose = gradient("increasing", "backsolve", adjoint_tol=1e-5)
+    value_tight, _ = cached_gradient("increasing", "backsolve")
+    assert value == value_tight  # the forward solve does not see adjoint_rtol
+    error_tight = relative_difference(tight, reference)
+    error_loose = relative_difference(loose, reference)
+    print(f"gradient error: adjoint tol 1e-10: {error_tight:.2e}, 1e-5: {error_loose:.2e}")
+    assert error_loose < 1e-3
+    assert error_loose > 10 * error_tight
+
+
+# --------------------------------------------------------------------------- vmap
+
+
+@functools.partial(jax.jit, static_argnames=("adjoint",))
+def batched_loss_and_grad(z0s, ts, params, c, tols, *, adjoint):
+    def total(params, c):
+        losses = jax.vmap(lambda z0: loss(z0, ts, params, c, tols, adjoint=adjoint))(z0s)
+        return jnp.sum(losses)
+
+    return jax.value_and_grad(total, argnums=(0, 1))(params, c)
+
+
+def test_grad_of_vmapped_loss_is_sum_of_per_sample_gradients():
+    z0, params, c = _problem()
+    ts = jnp.asarray(TS["increasing"])
+    shifts = np.array([0.0, 0.3, -0.5])
+    z0s = jax.tree_util.tree_map(lambda x: x[None] + shifts[:, None] * jnp.ones_like(x), z0)
+    tols = tolerances(GRAD_TOL)
+    value, (params_bar, c_bar) = batched_loss_and_grad(z0s, ts, params, c, tols,
+                                                       adjoint="backsolve")
+    per_sample = []
+    for b in range(len(shifts)):
+        z0_b = jax.tree_util.tree_map(lambda x: x[b], z0s)
+        per_sample.append(loss_and_grad(z0_b, ts, params, c, tols, adjoint="backsolve",
+                                        seminorm=True, adjoint_solver=None))
+    assert float(value) == pytest.approx(sum(float(v) for v, _ in per_sample), rel=1e-9)
+    expected = jax.tree_util.tree_map(
+        lambda *g: sum(g), *[(g[2], g[3]) for _, g in per_sample]
+    )
+    # The samples' gradients differ: a batch that reused one sample would fail.
+    assert relative_difference(per_sample[0][1][2], per_sample[1][1][2]) > 1e-2
+    assert_tree_close((params_bar, c_bar), expected, 1e-8, "vmapped")
+
+
+# ------------------------------------------------------------ gradients of gradients
+# dz/dt = -p z^2 has z(t) = z0 / (1 + p z0 (t - t0)). x = (p, z0, t0, t1, t2).
+
+SCALAR_X = np.array([0.7, 1.3, 0.2, 0.9, 1.6])
+SCALAR_W = np.array([0.4, -1.0, 0.8])
+
+
+def scalar_loss(x, *, adjoint="backsolve", tol=GRAD_TOL):
+    p, z0, ts = x[0], x[1], x[2:]
+    zs = jaxode.odeint(lambda z, t, p: -p * z**2, z0, ts, p, rtol=tol, atol=tol,
+                       adjoint=adjoint)
+    return jnp.dot(jnp.asarray(SCALAR_W), zs)
+
+
+def scalar_exact(x):
+    p, z0, ts = x[0], x[1], x[2:]
+    return jnp.dot(jnp.asarray(SCALAR_W), z0 / (1 + p * z0 * (ts - ts[0])))
+
+
+scalar_grad = jax.jit(jax.grad(scalar_loss))
+# jax.hessian is jacfwd(jacrev): forward mode is not defined for a custom_vjp.
+scalar_hessian = jax.jit(jax.jacrev(jax.jacrev(scalar_loss)))
+
+
+def test_gradient_closed_form():
+    x = jnp.asarray(SCALAR_X)
+    np.testing.assert_allclose(scalar_grad(x), jax.grad(scalar_exact)(x), rtol=1e-7, atol=1e-8)
+
+
+def test_hessian_closed_form_and_finite_differences():
+    """jacrev(jacrev) through backsolve: against the closed form, and against central
+    differences of the (first-order, backsolve) gradient."""
+    x = jnp.asarray(SCALAR_X)
+    hessian = np.asarray(scalar_hessian(x))
+    exact = np.asarray(jax.hessian(scalar_exact)(x))
+    assert np.abs(exact[0, 0]) > 0.1  # d^2L/dp^2
+    np.testing.assert_allclose(hessian, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+    h = 1e-5
+    columns = [(scalar_grad(x + h * e) - scalar_grad(x - h * e)) / (2 * h)
+               for e in np.eye(x.size)]
+    fd = np.stack(columns, axis=1)
+    np.testing.assert_allclose(hessian, fd, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
+# -------------------------------------------------------------------------- memory
+
+MEMORY_N = 32  # state size, big enough for per-step storage to dominate memory
+
+
+def _memory_problem():
+    rng = np.random.default_rng(1)
+    z0 = jnp.asarray(rng.normal(size=MEMORY_N))
+    params = {"W": jnp.asarray(rng.normal(size=(MEMORY_N, MEMORY_N)) / np.sqrt(MEMORY_N)),
+              "b": jnp.asarray(0.1 * rng.normal(size=MEMORY_N))}
+    return z0, params
+
+
+def memory_loss(z0, params, dt0, *, adjoint, max_steps):
+    zs = jaxode.odeint(
+        lambda z, t, p: jnp.tanh(p["W"] @ z + p["b"]) - 0.5 * z,
+        z0, jnp.array([0.0, 1.0]), params,
+        solver="rk4", dt0=dt0, max_steps=max_steps, adjoint=adjoint,
+    )
+    return jnp.sum(zs[-1] ** 2)
+
+
+memory_grad = jax.jit(jax.grad(memory_loss, argnums=(0, 1)),
+                      static_argnames=("adjoint", "max_steps"))
+
+
+def measure_memory(adjoint, steps):
+    """The compiled gradient's memory and its value, for `steps` fixed rk4 steps."""
+    z0, params = _memory_problem()
+    dt0 = jnp.asarray(1.0 / steps)
+    compiled = memory_grad.lower(z0, params, dt0, adjoint=adjoint,
+                                 max_steps=steps + 2).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        pytest.skip("memory_analysis is not available on this backend")
+    sizes = {name: int(getattr(stats, f"{name}_size_in_bytes"))
+             for name in ("temp", "argument", "output")}
+    print(f"{adjoint} {steps} steps: {sizes}")
+    return sizes, compiled(z0, params, dt0)
+
+
+def _memory_ratio(adjoint):
+    small, grad_small = measure_memory(adjoint, 100)
+    large, grad_large = measure_memory(adjoint, 10_000)
+    # rk4's global error at 100 steps is ~1e-8: the same gradient.
+    assert relative_difference(grad_large, grad_small) < 1e-5
+    total_small = small["temp"] + small["output"]
+    total_large = large["temp"] + large["output"]
+    ratio = total_large / total_small
+    print(f"{adjoint}: temp+output bytes {total_small} (100 steps) -> {total_large} "
+          f"(10,000 steps), ratio {ratio:.2f}")
+    return ratio
+
+
+def test_backsolve_memory_constant_in_steps():
+    assert _memory_ratio("backsolve") <= 1.1
+
+
+@pytest.mark.slow
+def test_direct_memory_sublinear_in_steps():
+    """direct differentiates a checkpointed loop bounded by max_steps: ~sqrt(max_steps)
+    checkpoints, so 100x the steps must cost much less than 100x the memory."""
+    ratio = _memory_ratio("direct")
+    assert 1.1 < ratio < 100  # it does grow (it stores checkpoints), sub-linearly
+
+
+# ---------------------------------------------------------------------- options
+
+
+@pytest.mark.slow
+def test_seminorm_does_not_change_the_gradient():
+    _, with_seminorm = cached_gradient("increasing", "backsolve")
+    _, without = gradient("increasing", "backsolve", seminorm=False)
+    assert relative_difference(without, with_seminorm) < REL
+    assert relative_difference(without, finite_differences("increasing")) < REL
+
+
+@pytest.mark.slow
+def test_adjoint_solver_tsit5():
+    _, grads = gradient("decreasing", "backsolve", adjoint_solver="tsit5")
+    assert_tree_close(grads, finite_differences("decreasing"), REL, "adjoint_solver=tsit5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+def test_array_state_gradient(adjoint):
+    """The same problem with the state as one array instead of a tuple."""
+
+    def array_loss(z0, ts, params, c):
+        zs = jaxode.odeint(
+            lambda z, t, p: jnp.concatenate(field((z[:2], z[2:]), t, p, c)),
+            z0, ts, params, rtol=GRAD_TOL, atol=GRAD_TOL, adjoint=adjoint,
+        )
+        return jnp.sum(jnp.asarray(WEIGHTS) * jnp.sum(zs**2, axis=1))
+
+    z0, ts, params, c = _args("increasing")
+    z0 = jnp.concatenate(z0)
+    grads = jax.jit(jax.grad(array_loss, argnums=(0, 1, 2, 3)))(z0, ts, params, c)
+    reference = finite_differences("increasing")
+    reference = (np.concatenate(reference[0]), *reference[1:])
+    assert_tree_close(grads, reference, REL, f"array state, {adjoint}")
+
+
+@pytest.mark.slow
+def test_float32_gradients_close_to_float64():
+    value32, grads32 = gradient("increasing", "backsolve", tol=1e-6, dtype=np.float32)
+    for leaf in jax.tree_util.tree_leaves(grads32):
+        assert leaf.dtype == np.float32
+        assert np.all(np.isfinite(leaf))
+    value64, grads64 = cached_gradient("increasing", "backsolve")
+    assert value32 == pytest.approx(value64, rel=1e-4)
+    grads32 = jax.tree_util.tree_map(lambda x: x.astype(np.float64), grads32)
+    assert relative_difference(grads32, grads64) < 1e-3
+
+
+@pytest.mark.slow
+def test_eager_gradient_equals_jitted():
+    x = jnp.asarray(SCALAR_X)
+    eager = jax.grad(scalar_loss)(x)
+    np.testing.assert_allclose(eager, scalar_grad(x), rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------- failures
+
+
+def _failing_backward(argnums):
+    """The forward solve (euler, 10 steps, max_steps=12) succeeds; the backward solve
+    (adaptive heun_euler at a tolerance of 1e-12) needs far more than 12 steps."""
+
+    def fn(z0, p):
+        zs = jaxode.odeint(lambda z, t, p: -p * z, z0, jnp.array([0.0, 1.0]), p,
+                           solver="euler", dt0=0.1, max_steps=12,
+                           adjoint_solver="heun_euler", adjoint_rtol=1e-12,
+                           adjoint_atol=1e-12)
+        return zs[-1, 0]
+
+    return jax.jit(jax.grad(fn, argnums=argnums))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argnums", [(0, 1), 0], ids=["z0-and-params", "z0-only"])
+def test_failed_backward_solve_raises(argnums):
+    z0, p = jnp.array([1.0]), jnp.asarray(0.5)
+    # The forward solve alone is fine.
+    jaxode.odeint(lambda z, t, p: -p * z, z0, jnp.array([0.0, 1.0]), p, solver="euler",
+                  dt0=0.1, max_steps=12)
+    with pytest.raises(Exception, match="max_steps"):
+        jax.block_until_ready(_failing_backward(argnums)(z0, p))

@@ -1,0 +1,471 @@
+"""The public contract of `jaxode.odeint` / `jaxode.solve` (see shared/API.md).
+
+Pytree states, params, jit, vmap, backwards integration, dtypes, dense output, and
+every documented error: bad input raises while tracing with a message naming the
+argument; run-time failures raise under jit, or come back in `Solution.status` with
+`throw=False`, one status per trajectory under vmap.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxode
+from jaxode import integrate
+
+try:
+    from equinox import EquinoxRuntimeError
+except ImportError:  # older equinox: the run-time error is some Exception with the message
+    EquinoxRuntimeError = Exception
+
+SUCCESS = integrate.SUCCESS
+MAX_STEPS_REACHED = integrate.MAX_STEPS_REACHED
+STEP_SIZE_UNDERFLOW = integrate.STEP_SIZE_UNDERFLOW
+NONFINITE_STATE = integrate.NONFINITE_STATE
+TS_NOT_MONOTONIC = integrate.TS_NOT_MONOTONIC
+
+
+def test_status_codes():
+    assert (SUCCESS, MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NONFINITE_STATE,
+            TS_NOT_MONOTONIC) == (0, 1, 2, 3, 4)
+    assert len(jaxode.STATUS_MESSAGES) == 5
+
+
+# ------------------------------------------------------------------ fields and solutions
+
+
+def decay(z, t, params):
+    return -z
+
+
+def growth_field(z, t, params):  # z' = cos(t) z: z(t) = z(t0) exp(sin t - sin t0)
+    return jnp.cos(t) * z
+
+
+def growth_exact(z0, t0, ts):
+    return np.exp(np.sin(np.asarray(ts, float)) - np.sin(t0))[:, None] * np.asarray(z0)
+
+
+def oscillator_exact(x0, v0, ts):
+    ts = np.asarray(ts)[:, None]
+    return x0 * np.cos(ts) + v0 * np.sin(ts), -x0 * np.sin(ts) + v0 * np.cos(ts)
+
+
+TS = jnp.linspace(0.0, 3.0, 7)
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ pytree states
+
+
+class Oscillator(eqx.Module):
+    x: jax.Array
+    v: jax.Array
+
+
+X0 = np.array([1.0, -0.5])
+V0 = np.array([0.0, 2.0])
+
+# name: (z0, f, (x, v) from a state with a leading time axis)
+PYTREE_CASES = {
+    "tuple": (
+        (jnp.asarray(X0), jnp.asarray(V0)),
+        lambda z, t, p: (z[1], -z[0]),
+        lambda zs: zs,
+    ),
+    "dict": (
+        {"x": jnp.asarray(X0), "v": jnp.asarray(V0)},
+        lambda z, t, p: {"x": z["v"], "v": -z["x"]},
+        lambda zs: (zs["x"], zs["v"]),
+    ),
+    "nested": (
+        {"pos": (jnp.asarray(X0),), "vel": {"v": jnp.asarray(V0).reshape(1, 2)}},
+        lambda z, t, p: {"pos": (z["vel"]["v"][0],), "vel": {"v": -z["pos"][0][None]}},
+        lambda zs: (zs["pos"][0], zs["vel"]["v"][:, 0]),
+    ),
+    "module": (
+        Oscillator(x=jnp.asarray(X0), v=jnp.asarray(V0)),
+        lambda z, t, p: Oscillator(x=z.v, v=-z.x),
+        lambda zs: (zs.x, zs.v),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PYTREE_CASES))
+def test_pytree_states(case):
+    z0, f, unpack = PYTREE_CASES[case]
+    zs = jaxode.odeint(f, z0, TS, **TOL)
+    assert jax.tree_util.tree_structure(zs) == jax.tree_util.tree_structure(z0)
+    for leaf0, leaf in zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(zs)):
+        assert leaf.shape == (len(TS), *leaf0.shape)
+        assert leaf.dtype == leaf0.dtype
+        np.testing.assert_array_equal(leaf[0], leaf0)  # zs[0] == z0 exactly
+    x, v = unpack(zs)
+    x_exact, v_exact = oscillator_exact(X0, V0, TS)
+    np.testing.assert_allclose(x, x_exact, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(v, v_exact, rtol=0, atol=1e-7)
+
+
+def test_mixed_dtype_leaves_keep_their_dtypes():
+    z0 = {"a": jnp.ones(2, jnp.float32), "b": jnp.ones(3, jnp.float64)}
+    zs = jaxode.odeint(lambda z, t, p: jax.tree_util.tree_map(jnp.negative, z), z0, TS)
+    assert zs["a"].dtype == jnp.float32 and zs["b"].dtype == jnp.float64
+    np.testing.assert_allclose(zs["a"][:, 0], np.exp(-TS), rtol=1e-5)
+    np.testing.assert_allclose(zs["b"][:, 0], np.exp(-TS), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ params
+
+
+def test_params_none():
+    seen = []
+
+    def f(z, t, params):
+        seen.append(params)
+        return -z
+
+    z0 = jnp.array([1.0, 2.0])
+    zs = jaxode.odeint(f, z0, TS)  # params left out: None
+    zs_explicit = jaxode.odeint(f, z0, TS, None)
+    assert seen and all(p is None for p in seen)
+    np.testing.assert_allclose(zs, np.exp(-np.asarray(TS))[:, None] * z0, rtol=1e-6)
+    np.testing.assert_array_equal(zs, zs_explicit)
+
+
+class Rates(eqx.Module):
+    rate: jax.Array
+    scale: float = eqx.field(static=True, default=1.0)
+
+
+def rate_field(z, t, params):
+    return -params.scale * params.rate * z
+
+
+def test_params_module():
+    params = Rates(rate=jnp.array([0.5, 2.0]), scale=2.0)
+    zs = jaxode.odeint(rate_field, jnp.ones(2), TS, params, **TOL)
+    expected = np.exp(-2.0 * np.asarray(TS)[:, None] * np.array([0.5, 2.0]))
+    np.testing.assert_allclose(zs, expected, rtol=1e-7)
+
+
+# ------------------------------------------------------------------ jit and vmap
+
+
+def test_jit_matches_eager():
+    z0 = jnp.array([1.0, 0.3])
+    eager = jaxode.odeint(growth_field, z0, TS, **TOL)
+    jitted = jax.jit(lambda z: jaxode.odeint(growth_field, z, TS, **TOL))(z0)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(jitted, growth_exact(z0, 0.0, TS), rtol=1e-7)
+
+
+def test_vmap_over_z0():
+    z0s = jnp.array([[1.0, 0.0], [0.5, -2.0], [3.0, 1.0]])
+    zs = jax.vmap(lambda z: jaxode.odeint(growth_field, z, TS, **TOL))(z0s)
+    assert zs.shape == (3, len(TS), 2)
+    for i in range(3):
+        np.testing.assert_allclose(zs[i], growth_exact(z0s[i], 0.0, TS), rtol=1e-7)
+
+
+def test_vmap_over_params():
+    rates = jnp.array([0.5, 1.0, 2.0])
+    solve_one = lambda r: jaxode.odeint(rate_field, jnp.ones(2), TS, Rates(rate=r), **TOL)
+    zs = jax.vmap(solve_one)(rates)
+    assert zs.shape == (3, len(TS), 2)
+    expected = np.exp(-np.asarray(rates)[:, None, None] * np.asarray(TS)[None, :, None])
+    np.testing.assert_allclose(zs, np.broadcast_to(expected, zs.shape), rtol=1e-7)
+
+
+def test_vmap_over_ts_including_a_backwards_lane():
+    tss = jnp.array([[0.0, 0.5, 1.0], [0.0, 1.0, 2.5], [1.0, 0.5, -1.0]])
+    z0 = jnp.array([1.0, 2.0])
+    zs = jax.vmap(lambda ts: jaxode.odeint(growth_field, z0, ts, **TOL))(tss)
+    for i in range(3):
+        np.testing.assert_allclose(zs[i], growth_exact(z0, tss[i, 0], tss[i]), rtol=1e-7)
+
+
+def nonlinear_decay(z, t, params):  # z' = -z²: z(t) = z0 / (1 + z0 t)
+    return -(z**2)
+
+
+@jax.jit
+def solve_nonlinear(z0):
+    sol = jaxode.solve(nonlinear_decay, z0, jnp.array([0.0, 1.0, 5.0]), **TOL, dense=False)
+    return sol.zs, sol.stats
+
+
+def test_vmap_lanes_take_their_own_steps():
+    z0s = jnp.array([[0.1], [20.0]])
+    zs, stats = jax.jit(jax.vmap(solve_nonlinear))(z0s)
+    assert stats["num_steps"].shape == (2,)
+    # The stiff-ish lane needs more steps, and each lane's counts are its own solve's.
+    assert int(stats["num_steps"][1]) > int(stats["num_steps"][0])
+    for i in range(2):
+        zs_i, stats_i = solve_nonlinear(z0s[i])
+        for key in ("nfe", "num_steps", "num_accepted", "num_rejected"):
+            assert int(stats[key][i]) == int(stats_i[key]), (i, key)
+        np.testing.assert_allclose(zs[i], zs_i, rtol=1e-12)
+        ts = np.array([0.0, 1.0, 5.0])
+        exact = float(z0s[i, 0]) / (1 + float(z0s[i, 0]) * ts)
+        np.testing.assert_allclose(zs[i][:, 0], exact, rtol=1e-7)
+
+
+# ------------------------------------------------------------------ time direction
+
+
+@pytest.mark.parametrize("solver, dt0", [("dopri5", None), ("rk4", 0.05)])
+def test_decreasing_ts(solver, dt0):
+    ts = jnp.array([2.0, 1.5, 0.7, 0.0, -1.0])
+    z0 = jnp.array([1.0, -0.5])
+    zs = jaxode.odeint(growth_field, z0, ts, solver=solver, dt0=dt0, **TOL)
+    np.testing.assert_array_equal(zs[0], z0)
+    np.testing.assert_allclose(zs, growth_exact(z0, 2.0, ts), rtol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+def test_evaluate_dense_output(direction):
+    ts = jnp.array([0.0, 1.0, 2.5, 4.0])
+    if direction == "decreasing":
+        ts = ts[::-1]
+    z0 = jnp.array([1.0, 0.5])
+    sol = jaxode.solve(growth_field, z0, ts, **TOL)
+    t0 = float(ts[0])
+    queries = jnp.array([0.0, 0.01, 0.37, 1.0, 1.9, 2.5, 3.33, 3.99, 4.0])
+    values = jax.vmap(sol.evaluate)(queries)
+    np.testing.assert_allclose(values, growth_exact(z0, t0, queries), rtol=1e-7)
+    # At the output times the dense output agrees with zs.
+    np.testing.assert_allclose(jax.vmap(sol.evaluate)(ts), sol.zs, rtol=1e-9)
+    np.testing.assert_allclose(sol.evaluate(1.9), values[4], rtol=1e-12)
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+def test_float64_in_float64_out():
+    z0 = jnp.array([1.0, 0.5], jnp.float64)
+    sol = jaxode.solve(growth_field, z0, TS, rtol=1e-10, atol=1e-10)
+    assert sol.zs.dtype == jnp.float64
+    assert sol.evaluate(0.3).dtype == jnp.float64
+    np.testing.assert_array_equal(sol.zs[0], z0)
+    np.testing.assert_allclose(sol.zs, growth_exact(z0, 0.0, TS), rtol=1e-8)
+
+
+def test_float32_in_float32_out():
+    z0 = jnp.array([1.0, 1 / 3], jnp.float32)
+    ts = jnp.linspace(0.0, 2.0, 5, dtype=jnp.float32)
+    sol = jaxode.solve(decay, z0, ts, rtol=1e-5, atol=1e-6)
+    assert sol.zs.dtype == jnp.float32
+    assert sol.evaluate(0.3).dtype == jnp.float32
+    np.testing.assert_array_equal(sol.zs[0], z0)
+    np.testing.assert_allclose(sol.zs, np.exp(-np.asarray(ts, float))[:, None] * z0,
+                               rtol=1e-4)
+
+
+def test_float32_computation_stays_in_float32():
+    """f sees float32 states and float32 times only: nothing is silently float64."""
+    seen = set()
+
+    def f(z, t, params):
+        seen.add((str(z.dtype), str(jnp.result_type(t))))
+        return -z
+
+    jaxode.solve(f, jnp.ones(2, jnp.float32), jnp.array([0.0, 1.0], jnp.float32))
+    assert seen == {("float32", "float32")}, seen
+
+
+def test_float32_time_dependent_field():
+    z0 = jnp.array([1.0, 2.0], jnp.float32)
+    ts = jnp.linspace(0.0, 2.0, 5, dtype=jnp.float32)
+    zs = jaxode.odeint(growth_field, z0, ts, rtol=1e-5, atol=1e-6)
+    assert zs.dtype == jnp.float32
+    np.testing.assert_allclose(zs, growth_exact(z0, 0.0, ts), rtol=1e-4)
+
+
+# ------------------------------------------------------------------ solvers by object
+
+
+@pytest.mark.parametrize(
+    "name, obj, dt0", [("dopri5", jaxode.Dopri5(), None), ("rk4", jaxode.RK4(), 0.1)]
+)
+def test_solver_object_equals_name(name, obj, dt0):
+    z0 = jnp.array([1.0, 0.5])
+    by_name = jaxode.odeint(growth_field, z0, TS, solver=name, dt0=dt0)
+    by_object = jaxode.odeint(growth_field, z0, TS, solver=obj, dt0=dt0)
+    np.testing.assert_array_equal(by_name, by_object)
+    np.testing.assert_allclose(by_name, growth_exact(z0, 0.0, TS), rtol=1e-4)
+
+
+# ------------------------------------------------------------------ fixed-step solvers
+
+
+def test_fixed_step_returns_every_time_in_ts():
+    # Output times off the dt0 grid, several inside one step, and a span that is not a
+    # multiple of dt0.
+    ts = jnp.array([0.0, 0.01, 0.05, 0.13, 0.5, 0.77, 0.78, 1.0, 1.234])
+    z0 = jnp.array([1.0, -2.0])
+    sol = jaxode.solve(growth_field, z0, ts, solver="rk4", dt0=0.1)
+    assert sol.zs.shape == (len(ts), 2)
+    np.testing.assert_allclose(sol.zs, growth_exact(z0, 0.0, ts), rtol=2e-6)
+    assert int(sol.stats["num_steps"]) == 13  # ceil(1.234 / 0.1)
+    assert int(sol.stats["num_rejected"]) == 0
+
+
+@pytest.mark.parametrize("max_steps, status", [(10, SUCCESS), (9, MAX_STEPS_REACHED)])
+def test_fixed_step_max_steps_is_exact(max_steps, status):
+    """[0, 1] with dt0 = 0.1 is exactly 10 steps: 10 allowed succeeds, 9 fails."""
+    sol = jaxode.solve(decay, jnp.ones(1), jnp.array([0.0, 1.0]), solver="euler", dt0=0.1,
+                       max_steps=max_steps, throw=False, dense=False)
+    assert int(sol.status) == status
+    assert int(sol.stats["num_steps"]) == max_steps
+    if status == SUCCESS:
+        np.testing.assert_allclose(sol.zs[-1], 0.9**10, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ bad input: while tracing
+
+
+def _wrong_structure(z, t, p):
+    return z[0]  # a tuple state, an array back
+
+
+BAD_INPUT = {
+    "f_structure": (dict(f=_wrong_structure, z0=(jnp.ones(2), jnp.ones(2))), ValueError,
+                    r"\bf\b"),
+    "f_shape": (dict(f=lambda z, t, p: z[:2]), ValueError, r"\bf\b"),
+    "f_dtype": (dict(f=lambda z, t, p: z.astype(jnp.float32)), ValueError, r"\bf\b"),
+    "f_not_callable": (dict(f=3), TypeError, r"\bf\b"),
+    "ts_2d": (dict(ts=jnp.zeros((2, 2))), ValueError, r"\bts\b"),
+    "ts_scalar": (dict(ts=jnp.array(1.0)), ValueError, r"\bts\b"),
+    "ts_length_1": (dict(ts=jnp.array([0.0])), ValueError, r"\bts\b"),
+    "solver_unknown": (dict(solver="rk45"), ValueError, r"\bsolver\b"),
+    "solver_type": (dict(solver=3), TypeError, r"\bsolver\b"),
+    "fixed_without_dt0": (dict(solver="rk4"), ValueError, r"\bdt0\b"),
+    "rtol_negative": (dict(rtol=-1e-6), ValueError, r"\brtol\b"),
+    "atol_negative": (dict(atol=-1e-8), ValueError, r"\batol\b"),
+    "adjoint_unknown": (dict(adjoint="adjoint_sensitivities"), ValueError, r"\badjoint\b"),
+    "max_steps_zero": (dict(max_steps=0), ValueError, r"\bmax_steps\b"),
+    "max_steps_negative": (dict(max_steps=-5), ValueError, r"\bmax_steps\b"),
+    "max_steps_float": (dict(max_steps=2.5), ValueError, r"\bmax_steps\b"),
+    "z0_integer": (dict(z0=jnp.array([1, 2])), TypeError, r"\bz0\b"),
+}
+
+
+@pytest.mark.parametrize("entry", ["odeint", "solve"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_raises_naming_the_argument(case, entry):
+    overrides, error, pattern = BAD_INPUT[case]
+    args = dict(f=decay, z0=jnp.ones(3), ts=jnp.array([0.0, 1.0]))
+    args.update(overrides)
+    f, z0, ts = args.pop("f"), args.pop("z0"), args.pop("ts")
+    function = getattr(jaxode, entry)
+    with pytest.raises(error, match=pattern):
+        function(f, z0, ts, None, **args)
+
+
+def test_bad_input_raises_under_jit_too():
+    with pytest.raises(ValueError, match=r"\bf\b"):
+        jax.jit(lambda z: jaxode.odeint(lambda z, t, p: z[:1], z, TS))(jnp.ones(2))
+    with pytest.raises(ValueError, match=r"\bdt0\b"):
+        jax.jit(lambda z: jaxode.odeint(decay, z, TS, solver="midpoint"))(jnp.ones(2))
+
+
+# ------------------------------------------------------------------ failures at run time
+
+
+def blow_up(z, t, params):  # z' = z²: z = z0 / (1 - z0 t), infinite at t = 1/z0
+    return z**2
+
+
+def nan_after_half(z, t, params):
+    return jnp.where(t > 0.5, jnp.nan, -z)
+
+
+def always_nan(z, t, params):
+    return z * jnp.nan
+
+
+F32 = jnp.float32
+# name: (f, z0, ts, options, status, message). Each one runs with throw=True under jit
+# (must raise with the message) and with throw=False (must return the status).
+FAILURES = {
+    "max_steps": (lambda z, t, p: jnp.stack([z[1], -z[0]]), jnp.array([1.0, 0.0]),
+                  jnp.linspace(0.0, 10.0, 5), dict(max_steps=5), MAX_STEPS_REACHED,
+                  "max_steps"),
+    "underflow_float32": (blow_up, jnp.ones(1, F32), jnp.array([0.0, 2.0], F32), {},
+                          STEP_SIZE_UNDERFLOW, "underflow"),
+    "underflow_float64": (blow_up, jnp.ones(1), jnp.array([0.0, 2.0]), {},
+                          STEP_SIZE_UNDERFLOW, "underflow"),
+    "nonfinite_adaptive": (nan_after_half, jnp.ones(2), jnp.array([0.0, 1.0]), {},
+                           NONFINITE_STATE, "non-finite"),
+    "nonfinite_adaptive_float32": (nan_after_half, jnp.ones(2, F32),
+                                   jnp.array([0.0, 1.0], F32), {}, NONFINITE_STATE,
+                                   "non-finite"),
+    "nonfinite_from_the_start": (always_nan, jnp.ones(2), jnp.array([0.0, 1.0]), {},
+                                 NONFINITE_STATE, "non-finite"),
+    "nonfinite_overflow_fixed_float32": (blow_up, jnp.ones(1, F32),
+                                         jnp.array([0.0, 2.0], F32),
+                                         dict(solver="euler", dt0=0.1), NONFINITE_STATE,
+                                         "non-finite"),
+    "nonfinite_z0": (decay, jnp.array([1.0, jnp.nan]), jnp.array([0.0, 1.0]), {},
+                     NONFINITE_STATE, "non-finite"),
+    "ts_not_monotonic": (decay, jnp.ones(2), jnp.array([0.0, 1.0, 0.5, 2.0]), {},
+                         TS_NOT_MONOTONIC, "strictly"),
+    "ts_repeated": (decay, jnp.ones(2), jnp.array([0.0, 1.0, 1.0, 2.0]), {},
+                    TS_NOT_MONOTONIC, "strictly"),
+    "ts_decreasing_then_not": (decay, jnp.ones(2), jnp.array([2.0, 1.0, 1.5, 0.0]), {},
+                               TS_NOT_MONOTONIC, "strictly"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_runtime_failure_status(case):
+    f, z0, ts, options, status, _ = FAILURES[case]
+    sol = jax.jit(lambda z: jaxode.solve(f, z, ts, throw=False, dense=False, **options))(z0)
+    assert int(sol.status) == status, (case, int(sol.status), sol.stats)
+    assert int(sol.stats["num_steps"]) <= options.get("max_steps", 4096)
+    np.testing.assert_array_equal(sol.zs[0], z0)
+    # A failed solve never reports a wrong answer as a number: the end is not reached.
+    assert not np.all(np.isfinite(np.asarray(sol.zs[-1])))
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_runtime_failure_raises_under_jit(case):
+    f, z0, ts, options, _, message = FAILURES[case]
+    run = jax.jit(lambda z: jaxode.odeint(f, z, ts, **options))
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        jax.block_until_ready(run(z0))
+
+
+def test_runtime_failure_raises_without_jit():
+    with pytest.raises(EquinoxRuntimeError, match="strictly"):
+        jax.block_until_ready(jaxode.odeint(decay, jnp.ones(2), jnp.array([0.0, 2.0, 1.0])))
+
+
+def test_vmap_each_lane_gets_its_own_status():
+    # z' = z² from 1 blows up at t = 1; from -1 it decays as -1 / (1 + t).
+    ts = jnp.array([0.0, 0.5, 2.0])
+    z0s = jnp.array([[1.0], [-1.0]])
+    sol = jax.jit(jax.vmap(lambda z: jaxode.solve(blow_up, z, ts, throw=False,
+                                                  dense=False)))(z0s)
+    np.testing.assert_array_equal(sol.status, [STEP_SIZE_UNDERFLOW, SUCCESS])
+    np.testing.assert_allclose(sol.zs[1][:, 0], -1 / (1 + np.asarray(ts)), rtol=1e-5)
+    np.testing.assert_allclose(sol.zs[0][1, 0], 2.0, rtol=1e-5)  # reached before blow-up
+    assert int(sol.stats["num_steps"][0]) > int(sol.stats["num_steps"][1])
+
+
+def test_vmap_over_ts_each_lane_gets_its_own_status():
+    tss = jnp.array([[0.0, 1.0, 2.0], [0.0, 2.0, 1.0], [2.0, 1.0, 0.0]])
+    sol = jax.vmap(lambda ts: jaxode.solve(decay, jnp.ones(1), ts, throw=False,
+                                           dense=False))(tss)
+    np.testing.assert_array_equal(sol.status, [SUCCESS, TS_NOT_MONOTONIC, SUCCESS])
+    np.testing.assert_allclose(sol.zs[0][:, 0], np.exp(-np.array([0.0, 1.0, 2.0])), rtol=1e-5)
+    np.testing.assert_allclose(sol.zs[2][:, 0], np.exp(np.array([0.0, 1.0, 2.0])), rtol=1e-5)
+
+
+def test_vmap_with_throw_raises_if_any_lane_fails():
+    ts = jnp.array([0.0, 2.0])
+    run = jax.jit(jax.vmap(lambda z: jaxode.odeint(blow_up, z, ts)))
+    with pytest.raises(EquinoxRuntimeError, match="underflow"):
+        jax.block_until_ready(run(jnp.array([[1.0], [-1.0]])))
