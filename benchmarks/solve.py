@@ -181,7 +181,8 @@ def _torch_system(params_np, z0_np, ts_np):
 
     class Field:
         def __init__(self):
-            self.layers = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in params_np]
+            self.layers = [(torch.tensor(np.array(w)), torch.tensor(np.array(b)))
+                           for w, b in params_np]
             self.nfe = 0
 
         def __call__(self, t, z):
@@ -193,7 +194,7 @@ def _torch_system(params_np, z0_np, ts_np):
             return h @ w3 + b3
 
     field = Field()
-    z0, ts = torch.from_numpy(z0_np), torch.from_numpy(ts_np)
+    z0, ts = torch.tensor(np.array(z0_np)), torch.tensor(np.array(ts_np))
     default_threads = torch.get_num_threads()
 
     def runner(threads):
@@ -214,7 +215,6 @@ def _torch_system(params_np, z0_np, ts_np):
 
 
 def section_a(cfg: dict, cache: dict) -> dict:
-    import jax
 
     params, z0, ts = _workload()
     rows = []
@@ -442,9 +442,9 @@ def section_b(cfg: dict, cache: dict) -> dict:
             for system in ("jaxode", "diffrax"):
                 field = lambda y, t, p, f=f: f(y, t, jnp)  # noqa: E731
                 tol0 = jnp.asarray(tols[0], jnp.float64)
+                solver = _b_solver(system, method, problem, field)
                 compiled, first = first_call(
-                    lambda *a, fn=_b_solver(system, method, problem, field): fn(*a)[0],
-                    y0, tol0, tol0)
+                    lambda *a, solver=solver: solver(*a)[0], y0, tol0, tol0)
                 counter = [0]
                 counted = jax.jit(_b_solver(system, method, problem, counting(
                     lambda y, t, p, f=f: f(y, t, jnp), counter)))
@@ -499,11 +499,55 @@ def section_b(cfg: dict, cache: dict) -> dict:
                         "value": geo, "met": geo <= 0.5})
         targets.append({"target": f"{method}: error <= diffrax's at equal tol (all runs)",
                         "value": err_ok / len(rs), "met": err_ok == len(rs)})
+    fixed = _fixed_cost(cfg)
     print(table("(b) summary over problems and tolerances (jaxode/diffrax)",
                 ["method", "time geo", "time min", "time max", "NFE geo", "error geo",
                  "error <= diffrax"], summary))
     _print_targets("(b) targets", targets)
-    return {"rows": rows, "targets": targets, "tols": list(tols)}
+    return {"rows": rows, "targets": targets, "tols": list(tols), "fixed_cost": fixed}
+
+
+def _fixed_cost(cfg: dict) -> dict:
+    """The per-call cost of run-time error checking (a host callback) on a small solve."""
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    import jaxode
+
+    f, y0_list, t_end = PROBLEMS_B["lotka-volterra"]
+    field = lambda y, t, p: f(y, t, jnp)  # noqa: E731
+    y0 = jnp.asarray(y0_list, jnp.float64)
+    tol = 1e-6
+
+    def jx(throw):
+        return lambda y: jaxode.solve(field, y, jnp.array([0.0, t_end]), None, rtol=tol,
+                                      atol=tol, max_steps=MAX_STEPS_B, dense=False,
+                                      throw=throw).zs[-1]
+
+    def dx(throw):
+        return lambda y: diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: field(y, t, args)), diffrax.Dopri5(), 0.0,
+            t_end, None, y, saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+            max_steps=MAX_STEPS_B, throw=throw).ys[-1]
+
+    candidates = {"empty jitted call (y * 2)": lambda y: y * 2,
+                  "jaxode throw=True": jx(True), "jaxode throw=False": jx(False),
+                  "diffrax throw=True": dx(True), "diffrax throw=False": dx(False)}
+    timed = {}
+    for name, fn in candidates.items():
+        compiled = jax.jit(fn).lower(y0).compile()
+        timed[name] = lambda c=compiled: c(y0)
+    times = time_interleaved(timed, cfg["repeats_b"], cfg["min_sample_b"])
+    out = {name: times[name]["median"] for name in candidates}
+    print(table(
+        f"(b) fixed cost: lotka-volterra, dopri5, tol {tol:g} (the error check is a host "
+        "callback)",
+        ["call", "us"], [[name, us(t)] for name, t in out.items()],
+        "throw=True checks the status at run time through a host callback that XLA's CPU "
+        "runtime pays for on every call, even when it is never taken."))
+    return out
 
 
 # ================================================================ driver

@@ -94,6 +94,16 @@ def _split_differentiable(tree):
     return eqx.partition(tree, _is_differentiable)
 
 
+def _theta_cotangent(differentiable_bar, params, consts):
+    """Cotangents of (params, consts) from those of their differentiable part."""
+    return jax.tree_util.tree_map(
+        lambda d, s: d if d is not None or s is None else _zero_cotangent(s),
+        differentiable_bar,
+        (params, consts),
+        is_leaf=lambda x: x is None,
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _backsolve(ff, options, z0, ts, params, consts, tols):
     return _directed_solve(ff, options, z0, ts, params, consts, tols)
@@ -208,13 +218,7 @@ def backward_pass(ff, options: Options, residuals, zs_cotangent):
     a_theta = eqx.branched_error_if(
         a_theta, status != integrate.SUCCESS, status, integrate.STATUS_MESSAGES
     )
-    diff_bar = unravel_theta(a_theta)
-    params_bar, consts_bar = jax.tree_util.tree_map(
-        lambda d, s: d if d is not None or s is None else _zero_cotangent(s),
-        diff_bar,
-        (params, consts),
-        is_leaf=lambda x: x is None,
-    )
+    params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
     return (z0_bar, ts_bar.astype(ts.dtype), params_bar, consts_bar), nfe
 
 
@@ -243,3 +247,155 @@ def solve_backsolve(ff: Callable, options: Options, z0, ts, params, tols: Tolera
 def solve_direct(ff: Callable, options: Options, z0, ts, params, tols: Tolerances):
     """A solve differentiated through the solver's own operations."""
     return _directed_solve(ff, options, z0, ts, params, (), tols, differentiable=True)
+
+
+# ---------------------------------------------------------------------------------
+# A batch of initial conditions with shared parameters, each sample with its own steps.
+#
+# Differentiating a vmapped backsolve carries a parameter adjoint for every sample: B
+# copies of a_θ pushed through every stage. Here the samples are lanes of one loop: the
+# lanes solve (z, a) backwards, each with its own step sizes, and the parameter
+# gradient is a quadrature shared by all lanes, Σ_lanes Σ_stages dt b_i a_iᵀ ∂f/∂θ,
+# taken by one vector-Jacobian product of the lane-batched f per step.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _backsolve_lanes(ff, options, z0s, ts, params, consts, tols):
+    return jax.vmap(lambda z0: _directed_solve(ff, options, z0, ts, params, consts, tols))(z0s)
+
+
+def _backsolve_lanes_fwd(ff, options, z0s, ts, params, consts, tols):
+    solution = _backsolve_lanes(ff, options, z0s, ts, params, consts, tols)
+    return solution, (solution.zs, ts, params, consts, tols)
+
+
+def backward_pass_lanes(ff, options: Options, residuals, zs_cotangent):
+    """The adjoint solves of a lane batch. Returns the cotangents of (z0s, ts, params,
+    consts) and each lane's backward number of function evaluations."""
+    zs, ts, params, consts, tols = residuals
+    num_lanes, num_outputs, n = zs.shape
+    dtype = zs.dtype
+    g = zs_cotangent.astype(dtype)
+    tableau = options.backward_tableau
+
+    differentiable, static = _split_differentiable((params, consts))
+    theta0, unravel_theta = ravel_pytree(differentiable)
+    theta0 = theta0.astype(dtype)
+
+    def field(z, t, diff):
+        p, c = eqx.combine(diff, static)
+        return ff(z, t, p, *c)
+
+    back_direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(dtype)
+
+    def lane_field(tau, y):
+        """d/dτ (z, a) for one lane, τ = back_direction * t."""
+        t = back_direction * tau
+        z, a = y[:n], y[n:]
+        fz, vjp = jax.vjp(lambda z_: field(z_, t, differentiable), z)
+        return back_direction * jnp.concatenate([fz, -vjp(a)[0]])
+
+    def theta_increment(record, active):
+        """The step's contribution to the shared a_θ: the θ-part of the augmented RK step,
+        dt Σ_i b_i (-aᵀ∂f/∂θ), summed over the lanes whose step was accepted."""
+
+        def weighted_field(diff):
+            total = jnp.zeros((), dtype)
+            for i in range(tableau.num_stages):
+                if tableau.b[i] == 0:
+                    continue
+                weight = jnp.where(record.accept & active, record.dt * tableau.b[i], 0.0)
+                times = back_direction * (record.t + tableau.c[i] * record.dt)
+                points = record.points[i]
+                f_i = jax.vmap(lambda y, t: field(y[:n], t, diff))(points, times)
+                total = total + jnp.sum(weight[:, None] * points[:, n:] * f_i)
+            return total
+
+        gradient = jax.grad(weighted_field)(differentiable)
+        return -back_direction * ravel_pytree(gradient)[0].astype(dtype)
+
+    def interval(carry, i):
+        a, dt, a_theta, nfe, status = carry
+        a = a + g[:, i]
+        y = jnp.concatenate([zs[:, i], a], axis=1)
+        stepper = integrate.make_stepper(
+            lane_field,
+            y[0],
+            back_direction * jnp.stack([ts[i], ts[i - 1]]),
+            tableau=tableau,
+            rtol=tols.adjoint_rtol,
+            atol=tols.adjoint_atol,
+            max_steps=options.max_steps,
+            controller=options.controller,
+            dense=False,
+        )
+        lanes_unfinished = jax.vmap(stepper.unfinished)
+
+        def body(state):
+            lanes, a_theta = state
+            active = lanes_unfinished(lanes)
+            stepped, record = jax.vmap(stepper.step)(lanes)
+            lanes = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+                stepped,
+                lanes,
+            )
+            return lanes, a_theta + theta_increment(record, active)
+
+        lanes = jax.vmap(stepper.init)(y, dt)
+        lanes, a_theta = lax.while_loop(
+            lambda state: jnp.any(lanes_unfinished(state[0])), body, (lanes, a_theta)
+        )
+        sol = jax.vmap(stepper.finish)(lanes)
+        status = jnp.where(status == integrate.SUCCESS, sol.status, status)
+        return (sol.zs[:, -1, n:], sol.dt_next, a_theta, nfe + sol.nfe, status), None
+
+    last = num_outputs - 1
+    y_last = jnp.concatenate([zs[:, last], g[:, last]], axis=1)
+    tau_last = back_direction * ts[last]
+    if options.dt0_given:
+        dt = jnp.full((num_lanes,), tols.dt0, dtype)
+    else:
+        dt = jax.vmap(
+            lambda y: initial_step(
+                lane_field,
+                tau_last,
+                y,
+                lane_field(tau_last, y),
+                tableau.order,
+                tols.adjoint_rtol,
+                tols.adjoint_atol,
+            )
+        )(y_last)
+    init = (
+        jnp.zeros((num_lanes, n), dtype),
+        dt,
+        jnp.zeros_like(theta0),
+        jnp.full((num_lanes,), 2, jnp.int32),
+        jnp.full((num_lanes,), integrate.SUCCESS, jnp.int32),
+    )
+    (a, _, a_theta, nfe, status), _ = lax.scan(interval, init, jnp.arange(last, 0, -1))
+
+    f_at_outputs = jax.vmap(jax.vmap(lambda z, t: field(z, t, differentiable)), (0, None))(zs, ts)
+    ts_bar = jnp.einsum("bij,bij->bi", g, f_at_outputs)
+    ts_bar = ts_bar.at[:, 0].set(-jnp.einsum("bj,bj->b", a, f_at_outputs[:, 0]))
+    a_theta = eqx.branched_error_if(
+        a_theta, jnp.any(status != integrate.SUCCESS), jnp.max(status), integrate.STATUS_MESSAGES
+    )
+    params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
+    return (a + g[:, 0], ts_bar.sum(0).astype(ts.dtype), params_bar, consts_bar), nfe
+
+
+def _backsolve_lanes_bwd(ff, options, residuals, cotangents):
+    cotangent, _ = backward_pass_lanes(ff, options, residuals, cotangents.zs)
+    return (*cotangent, jax.tree_util.tree_map(_zero_cotangent, residuals[-1]))
+
+
+_backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
+
+
+def solve_backsolve_lanes(ff: Callable, options: Options, z0s, ts, params, tols: Tolerances):
+    """`solve_backsolve` for a batch z0s (lanes, n): each lane its own steps, the
+    parameter gradient accumulated once for the whole batch."""
+    converted, consts = jax.closure_convert(ff, z0s[0], ts[0], params)
+    return _backsolve_lanes(converted, options, z0s, ts, params, tuple(consts), tols)

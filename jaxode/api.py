@@ -36,6 +36,7 @@ class Solution(eqx.Module):
     direction: jax.Array
     tableau: Tableau = eqx.field(static=True)
     unravel: Callable = eqx.field(static=True)
+    batch_axis: int | None = eqx.field(static=True, default=None)
 
     def evaluate(self, t):
         """The state at time t (a scalar inside [ts[0], ts[-1]]) by dense output."""
@@ -44,10 +45,13 @@ class Solution(eqx.Module):
         t = jnp.asarray(t, self.history.dt.dtype)
         if t.ndim != 0:
             raise ValueError(f"t: expected a scalar time, got shape {t.shape}; use jax.vmap")
-        flat = integrate.evaluate_history(
-            self.tableau, self.history, self.stats["num_steps"], self.direction * t
+        evaluate = lambda history, num_steps: self.unravel(
+            integrate.evaluate_history(self.tableau, history, num_steps, self.direction * t)
         )
-        return self.unravel(flat)
+        if self.batch_axis is None:
+            return evaluate(self.history, self.stats["num_steps"])
+        states = jax.vmap(evaluate)(self.history, self.stats["num_steps"])
+        return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, self.batch_axis), states)
 
 
 def _check_tolerance(name, value):
@@ -115,12 +119,14 @@ def solve(
     adjoint_atol=None,
     adjoint_solver=None,
     seminorm: bool = True,
+    batch_axis: int | None = None,
 ) -> Solution:
     """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
 
     See `odeint` for the arguments. `dense=True` keeps every step for
     `Solution.evaluate` (memory: max_steps x (stages + 2) x state size). `throw=False`
-    returns failures in `Solution.status` instead of raising.
+    returns failures in `Solution.status` instead of raising. With `batch_axis`,
+    `stats` and `status` have one entry per sample.
     """
     tableau = resolve_solver(solver)
     if adjoint not in ADJOINTS:
@@ -142,15 +148,20 @@ def solve(
         raise TypeError(f"controller: expected a jaxode.PIController, got {controller!r}")
 
     dtype = _state_dtype(z0)
+    if batch_axis is not None:
+        z0 = _batch_first(z0, batch_axis)
+    sample = z0 if batch_axis is None else jax.tree_util.tree_map(lambda x: x[0], z0)
     ts = jnp.asarray(ts)
     if ts.ndim != 1:
         raise ValueError(f"ts: expected a 1-D array of times, got shape {ts.shape}")
     if ts.shape[0] < 2:
         raise ValueError(f"ts: expected at least 2 times, got {ts.shape[0]}")
     ts_state = ts.astype(dtype)
-    _check_vector_field(f, z0, ts_state[0], params)
+    _check_vector_field(f, sample, ts_state[0], params)
 
-    z0_flat, unravel = ravel_pytree(z0)
+    unravel = ravel_pytree(sample)[1]
+    ravel = lambda z: ravel_pytree(z)[0]
+    z0_flat = ravel(z0) if batch_axis is None else jax.vmap(ravel)(z0)
     direction = jnp.where(ts_state[-1] >= ts_state[0], 1, -1).astype(dtype)
 
     def f_flat(z_flat, t, params):
@@ -174,11 +185,15 @@ def solve(
         dt0=jnp.abs(jnp.asarray(0.0 if dt0 is None else dt0, dtype)),
     )
     if adjoint == "backsolve":
-        flat = adjoint_lib.solve_backsolve(f_flat, options, z0_flat, ts_state, params, tols)
+        backsolve = (
+            adjoint_lib.solve_backsolve if batch_axis is None else adjoint_lib.solve_backsolve_lanes
+        )
+        flat = backsolve(f_flat, options, z0_flat, ts_state, params, tols)
         # The dense history is not differentiated by the adjoint method.
         flat = flat._replace(history=jax.lax.stop_gradient(flat.history))
     else:
-        flat = adjoint_lib.solve_direct(f_flat, options, z0_flat, ts_state, params, tols)
+        direct = lambda z: adjoint_lib.solve_direct(f_flat, options, z, ts_state, params, tols)
+        flat = direct(z0_flat) if batch_axis is None else jax.vmap(direct)(z0_flat)
     zs_flat = flat.zs
     # Integer outputs of a custom_vjp still carry (zero) tangents: cut them.
     status = jax.lax.stop_gradient(flat.status)
@@ -186,7 +201,14 @@ def solve(
         zs_flat = eqx.branched_error_if(
             zs_flat, status != integrate.SUCCESS, status, integrate.STATUS_MESSAGES
         )
-    zs = jax.vmap(unravel)(zs_flat)
+    if batch_axis is None:
+        zs = jax.vmap(unravel)(zs_flat)
+    else:
+        # (samples, times, ...) -> times first, the samples at batch_axis after it.
+        zs = jax.tree_util.tree_map(
+            lambda x: jnp.moveaxis(jnp.swapaxes(x, 0, 1), 1, batch_axis + 1),
+            jax.vmap(jax.vmap(unravel))(zs_flat),
+        )
     stats = {
         "nfe": flat.nfe,
         "num_steps": flat.num_steps,
@@ -202,7 +224,23 @@ def solve(
         direction=direction,
         tableau=tableau,
         unravel=unravel,
+        batch_axis=batch_axis,
     )
+
+
+def _batch_first(z0, batch_axis):
+    if not isinstance(batch_axis, numbers.Integral) or batch_axis < 0:
+        raise ValueError(f"batch_axis: expected None or a non-negative integer, got {batch_axis!r}")
+    sizes = set()
+    for leaf in jax.tree_util.tree_leaves(z0):
+        if jnp.ndim(leaf) <= batch_axis:
+            raise ValueError(
+                f"batch_axis: {batch_axis} is out of range for a z0 leaf of shape {jnp.shape(leaf)}"
+            )
+        sizes.add(jnp.shape(leaf)[batch_axis])
+    if len(sizes) != 1:
+        raise ValueError(f"batch_axis: z0's leaves have different batch sizes {sorted(sizes)}")
+    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, batch_axis, 0), z0)
 
 
 def odeint(
@@ -222,6 +260,7 @@ def odeint(
     adjoint_atol=None,
     adjoint_solver=None,
     seminorm: bool = True,
+    batch_axis: int | None = None,
 ):
     """Integrate dz/dt = f(z, t, params) and return z at every time in ts.
 
@@ -238,6 +277,12 @@ def odeint(
     `jaxode.PIController`. adjoint_rtol, adjoint_atol, adjoint_solver: the backward
     solve's tolerances and method (default: the forward ones). seminorm: leave the
     parameter adjoint out of the backward error norm (Kidger, Chen & Lyons 2021).
+    batch_axis: None, or the axis of z0's leaves that indexes a batch of initial
+    conditions: each sample is solved with its own steps (as under jax.vmap), zs gets
+    the time axis first and the samples at batch_axis + 1, and the backward pass
+    accumulates the shared parameter gradient once for the whole batch (always with
+    the seminorm) instead of once per sample, which is what makes
+    jax.grad over a batch fast. Second derivatives need batch_axis=None.
 
     Returns zs with z0's structure, each leaf with a leading axis of len(ts).
     """
@@ -257,5 +302,6 @@ def odeint(
         adjoint_atol=adjoint_atol,
         adjoint_solver=adjoint_solver,
         seminorm=seminorm,
+        batch_axis=batch_axis,
         dense=False,
     ).zs

@@ -117,7 +117,7 @@ class StepRecord(NamedTuple):
 
 
 class Stepper(NamedTuple):
-    init: Callable  # () -> carry
+    init: Callable  # (z0, dt0 or None) -> carry
     step: Callable  # carry -> (carry, StepRecord)
     unfinished: Callable  # carry -> bool
     finish: Callable  # carry -> FlatSolution
@@ -135,19 +135,20 @@ def solve_flat(f: Callable, z0, taus, *, differentiable: bool = False, **options
     loop, and the step-size decisions held constant, so the result is the exact
     gradient of the discrete solve with its steps fixed.
     """
+    dt0 = options.pop("dt0")
     stepper = make_stepper(f, z0, taus, differentiable=differentiable, **options)
     step = lambda c: stepper.step(c)[0]
     if differentiable:
         final = eqxi.while_loop(
             stepper.unfinished,
             step,
-            stepper.init(),
+            stepper.init(z0, dt0),
             max_steps=options["max_steps"],
             buffers=lambda c: c.history,
             kind="checkpointed",
         )
     else:
-        final = lax.while_loop(stepper.unfinished, step, stepper.init())
+        final = lax.while_loop(stepper.unfinished, step, stepper.init(z0, dt0))
     return stepper.finish(final)
 
 
@@ -159,7 +160,6 @@ def make_stepper(
     tableau: Tableau,
     rtol,
     atol,
-    dt0,
     max_steps: int,
     controller: PIController,
     dense: bool,
@@ -169,8 +169,9 @@ def make_stepper(
     """The pieces of the solve of dz/dτ = f(τ, z) (see `solve_flat`), for loops that
     drive them: `solve_flat`, and the lane-batched backward pass of the adjoint.
 
+    `z0` gives the state's shape and dtype; `init(z0, dt0)` starts a solve from it, with
+    first step dt0, or None to choose it (Hairer's algorithm).
     `error_components`: only z[:error_components] enters the error norm (a seminorm).
-    `dt0`: the first step, or None to choose it (Hairer's algorithm).
     """
     dtype = z0.dtype
     n = z0.shape[0]
@@ -180,7 +181,7 @@ def make_stepper(
 
     int_ = jnp.int32
 
-    def init() -> _Carry:
+    def init(z0, dt0) -> _Carry:
         status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
         status = jnp.where(jnp.all(jnp.isfinite(z0)), status, NONFINITE_STATE)
         f0 = f(t0, z0)

@@ -10,13 +10,13 @@ flow amplifies errors (orbits with close approaches) get a larger factor, stated
 where they are defined.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.integrate
 import scipy.linalg
 
-import jax
-import jax.numpy as jnp
 import jaxode
 
 ADAPTIVE = ["heun_euler", "fehlberg2", "bosh3", "dopri5", "tsit5", "dopri8"]

@@ -1,0 +1,844 @@
+"""Gradient benchmarks: jaxode's adjoints against diffrax, jax.experimental.ode, torchdiffeq.
+
+    PYTHONPATH=. python -m benchmarks.gradients [--section time memory vmap] [--quick]
+                                                [--skip-slow]
+
+The "MLP workload": f(z, t) = MLP(concat(z, t)), 2(+t)-64-64-2 tanh, float32, a batch of
+512 initial conditions solved jointly as one (512, 2) system, 50 outputs on [0, 5],
+dopri5 rtol=1e-5 atol=1e-7, loss = mean of the squared states at all outputs; the
+gradient is taken with respect to the MLP's parameters.
+
+time:   time per gradient (jitted value_and_grad, steady-state median, and compile
+        time), forward and backward NFE, relative error of the gradient against a
+        float64 reference at rtol = atol = 1e-10 (computed in a child process with
+        JAX_ENABLE_X64=1, cached in the temp directory); a tolerance sweep comparing the
+        seminorm with the full norm at equal gradient error.
+memory: temp memory of the compiled gradient (XLA's memory_analysis) against the number
+        of fixed rk4 steps, 100 / 1,000 / 10,000.
+vmap:   the same workload with jax.vmap over z0 (every sample its own steps).
+
+Tables go to stdout, everything to bench_results/gradients.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import first_call, fmt, mlp_field, mlp_params, ms, table, time_interleaved
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("time", "memory", "vmap")
+
+RTOL, ATOL = 1e-5, 1e-7
+BATCH, NUM_TS, T_END = 512, 50, 5.0
+MAX_STEPS = 4096
+REF_TOL = 1e-10
+SWEEP_RTOLS = (1e-3, 1e-4, 1e-5, 1e-6)  # atol = rtol / 100
+MEMORY_STEPS = (100, 1_000, 10_000)
+MEMORY_BATCH = 16
+
+JAX_SYSTEMS = {
+    # name: (library, adjoint, options)
+    "jaxode backsolve seminorm": ("jaxode", "backsolve", {"seminorm": True}),
+    "jaxode backsolve full norm": ("jaxode", "backsolve", {"seminorm": False}),
+    "jaxode direct": ("jaxode", "direct", {}),
+    "diffrax BacksolveAdjoint": ("diffrax", "backsolve", {}),
+    "diffrax RecursiveCheckpoint": ("diffrax", "checkpoint", {}),
+    "jax.experimental.ode": ("jode", "backsolve", {}),
+}
+BS, BS_FULL, DIRECT = "jaxode backsolve seminorm", "jaxode backsolve full norm", "jaxode direct"
+DFX_BS, DFX_RC = "diffrax BacksolveAdjoint", "diffrax RecursiveCheckpoint"
+
+
+def config(quick: bool) -> dict:
+    if quick:
+        return dict(quick=True, repeats=3, compile_repeats=1, torch_repeats=1,
+                    torch_default_threads=False, torch_seminorm=False,
+                    sweep_rtols=(1e-4, 1e-5, 1e-6), memory_steps=MEMORY_STEPS,
+                    vmap_repeats=3)
+    return dict(quick=False, repeats=11, compile_repeats=3, torch_repeats=5,
+                torch_default_threads=True, torch_seminorm=True,
+                sweep_rtols=SWEEP_RTOLS, memory_steps=MEMORY_STEPS, vmap_repeats=9)
+
+
+# ================================================================ the workload
+
+
+def workload_numpy():
+    """Weights, z0 and ts as float32 NumPy arrays (the float64 reference casts these)."""
+    params = mlp_params(0, np.float32)
+    rng = np.random.default_rng(1)
+    z0 = rng.standard_normal((BATCH, 2)).astype(np.float32)
+    ts = np.linspace(0.0, T_END, NUM_TS, dtype=np.float32)
+    return params, z0, ts
+
+
+def workload(dtype):
+    import jax.numpy as jnp
+
+    params, z0, ts = workload_numpy()
+    params = [(jnp.asarray(w, dtype), jnp.asarray(b, dtype)) for w, b in params]
+    return params, jnp.asarray(z0, dtype), jnp.asarray(ts, dtype)
+
+
+def counting(f, counter: list):
+    """f that also counts its executed evaluations in counter[0] (NFE runs only).
+
+    A host callback on a stop-gradient'ed time whose (zero) result feeds f's output, so
+    XLA keeps one per evaluation actually executed, recomputations by checkpointing
+    included; differentiating f differentiates only the original f. Under vmap a
+    batched evaluation counts once (vmap_method="expand_dims").
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def tick(t):
+        counter[0] += 1
+        return np.zeros(np.shape(t), np.asarray(t).dtype)
+
+    def g(z, t, params):
+        dz = f(z, t, params)
+        t = jax.lax.stop_gradient(jnp.asarray(t, dz.dtype))
+        zero = jax.pure_callback(tick, jax.ShapeDtypeStruct(t.shape, t.dtype), t,
+                                 vmap_method="expand_dims")
+        return dz + 0 * jax.lax.stop_gradient(jnp.sum(zero))
+
+    return g
+
+
+def solver_fn(system: str, field, ts, *, rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
+              fixed_steps: int | None = None):
+    """zs = fn(z0, params) for one JAX system; fixed_steps: rk4 with dt = T / fixed_steps."""
+    import diffrax
+    import jax.experimental.ode as jode
+
+    import jaxode
+
+    library, adjoint, options = JAX_SYSTEMS[system]
+    if library == "jaxode":
+        solver = dict(solver="dopri5") if fixed_steps is None else dict(
+            solver="rk4", dt0=(ts[-1] - ts[0]) / fixed_steps)
+
+        def fn(z0, params):
+            return jaxode.odeint(field, z0, ts, params, rtol=rtol, atol=atol,
+                                 max_steps=max_steps, adjoint=adjoint, **solver, **options)
+
+        return fn
+    if library == "diffrax":
+        adj = (diffrax.BacksolveAdjoint() if adjoint == "backsolve"
+               else diffrax.RecursiveCheckpointAdjoint())
+        if fixed_steps is None:
+            solver, controller, dt0 = (diffrax.Dopri5(),
+                                       diffrax.PIDController(rtol=rtol, atol=atol), None)
+        else:
+            solver, controller = _DiffraxRK4(), diffrax.ConstantStepSize()
+            dt0 = (ts[-1] - ts[0]) / fixed_steps
+
+        def fn(z0, params):
+            return diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, args: field(y, t, args)), solver, ts[0], ts[-1],
+                dt0, z0, args=params, saveat=diffrax.SaveAt(ts=ts),
+                stepsize_controller=controller, max_steps=max_steps, adjoint=adj,
+            ).ys
+
+        return fn
+    assert fixed_steps is None
+
+    def fn(z0, params):
+        return jode.odeint(field, z0, ts, params, rtol=rtol, atol=atol, mxstep=max_steps)
+
+    return fn
+
+
+def _diffrax_rk4_class():
+    import diffrax
+
+    class RK4(diffrax.AbstractERK):
+        """The classic 4th-order Runge-Kutta method (diffrax has none built in)."""
+
+        tableau = diffrax.ButcherTableau(
+            c=np.array([0.5, 0.5, 1.0]),
+            b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+            b_error=np.zeros(4),
+            a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+        )
+        interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+        def order(self, terms):
+            return 4
+
+    return RK4
+
+
+class _LazyRK4:
+    cls = None
+
+    def __call__(self):
+        if _LazyRK4.cls is None:
+            _LazyRK4.cls = _diffrax_rk4_class()
+        return _LazyRK4.cls()
+
+
+_DiffraxRK4 = _LazyRK4()
+
+
+def loss_fn(solve, mode: str = "joint"):
+    """loss(params, z0) = mean of the squared states at every output time."""
+    import jax
+    import jax.numpy as jnp
+
+    if mode == "vmap":
+        solve = jax.vmap(solve, in_axes=(0, None))
+
+    def loss(params, z0):
+        zs = solve(z0, params)
+        return jnp.mean(jnp.square(zs))
+
+    return loss
+
+
+def flat_grad(grads) -> np.ndarray:
+    """The parameter gradient as one float64 vector, leaves in (w1, b1, w2, b2, w3, b3) order."""
+    import jax
+
+    return np.concatenate([np.asarray(x, np.float64).ravel()
+                           for x in jax.tree_util.tree_leaves(grads)])
+
+
+def rel_error(g, ref) -> float:
+    return float(np.linalg.norm(g - ref) / np.linalg.norm(ref))
+
+
+# ================================================================ float64 reference
+
+
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "jaxode").glob("*.py")):
+        h.update(path.read_bytes())
+    params, z0, ts = workload_numpy()
+    for a in [x for layer in params for x in layer] + [z0, ts]:
+        h.update(a.tobytes())
+    h.update(repr((REF_TOL, MAX_STEPS, "v1")).encode())
+    return h.hexdigest()[:16]
+
+
+def reference_worker(path: str) -> None:
+    """Child process (JAX_ENABLE_X64=1): float64 gradients at rtol = atol = 1e-10."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    assert jnp.zeros(()).dtype == jnp.float64
+    params, z0, ts = workload(jnp.float64)
+    out = {}
+    for name, system in (("direct", DIRECT), ("backsolve", BS)):
+        start = time.perf_counter()
+        loss = loss_fn(solver_fn(system, mlp_field, ts, rtol=REF_TOL, atol=REF_TOL,
+                                 max_steps=20_000))
+        value, grads = jax.jit(jax.value_and_grad(loss))(params, z0)
+        out[name] = flat_grad(grads)
+        out[name + "_loss"] = np.float64(value)
+        out[name + "_s"] = np.float64(time.perf_counter() - start)
+    np.savez(path, **out)
+
+
+def load_reference() -> dict:
+    """The float64 reference gradients, computed once per jaxode source and cached."""
+    path = Path(tempfile.gettempdir()) / f"jaxode_gradients_ref_{_source_digest()}.npz"
+    if not path.exists():
+        print(f"computing the float64 reference gradient (rtol = atol = {REF_TOL:g}) ...",
+              file=sys.stderr, flush=True)
+        env = dict(os.environ, JAX_ENABLE_X64="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        tmp = path.with_suffix(".tmp.npz")
+        subprocess.run([sys.executable, "-m", "benchmarks.gradients", "--reference-worker",
+                        str(tmp)], env=env, cwd=ROOT, check=True)
+        tmp.replace(path)
+    data = dict(np.load(path))
+    data["path"] = str(path)
+    data["direct_vs_backsolve"] = rel_error(data["backsolve"], data["direct"])
+    return data
+
+
+# ================================================================ NFE helpers
+
+
+def jaxode_backward_stats(field, z0, ts, params, seminorm: bool, rtol=RTOL, atol=ATOL):
+    """jaxode's own NFE count of a backsolve gradient: the forward solve's stats and
+    `jaxode.adjoint.backward_pass`'s NFE, set up as `jaxode.solve` does it (flat field,
+    Options, Tolerances), with the loss's cotangent. Also returns the parameter
+    gradient so that it can be checked against `jax.grad` of the public API."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from jaxode import adjoint as adjoint_lib
+    from jaxode.control import PIController
+    from jaxode.solvers import resolve_solver
+
+    dtype = z0.dtype
+    z0_flat, unravel = ravel_pytree(z0)
+
+    def f_flat(z, t, p):
+        return ravel_pytree(field(unravel(z), t, p))[0]
+
+    tableau = resolve_solver("dopri5")
+    options = adjoint_lib.Options(tableau=tableau, max_steps=MAX_STEPS,
+                                  controller=PIController(), dense=False,
+                                  backward_tableau=tableau, seminorm=seminorm,
+                                  dt0_given=False)
+
+    def run(z0_flat, params):
+        r, a = jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype)
+        tols = adjoint_lib.Tolerances(rtol=r, atol=a, adjoint_rtol=r, adjoint_atol=a,
+                                      dt0=jnp.zeros((), dtype))
+        converted, consts = jax.closure_convert(f_flat, z0_flat, ts[0], params)
+        consts = tuple(consts)
+        sol = adjoint_lib._directed_solve(converted, options, z0_flat, ts, params, consts,
+                                          tols)
+        zs_bar = jax.grad(lambda zs: jnp.mean(jnp.square(zs)))(sol.zs)
+        bars, nfe = adjoint_lib.backward_pass(converted, options,
+                                              (sol.zs, ts, params, consts, tols), zs_bar)
+        return sol.nfe, nfe, bars[2]
+
+    fwd, bwd, params_bar = jax.jit(run)(z0_flat, params)
+    return int(fwd), int(bwd), flat_grad(params_bar)
+
+
+def count_nfe(system: str, ts, z0, params, mode: str = "joint", rtols=(RTOL,)):
+    """Executed evaluations of f: forward solve alone, and value_and_grad in total.
+
+    Returns {rtol: (forward, backward = total - forward, flat gradient)}; for jaxode
+    the tolerances are traced, so a sweep compiles once.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    counter = [0]
+    field = counting(mlp_field, counter)
+    library = JAX_SYSTEMS[system][0]
+
+    def make(rtol, atol):
+        return loss_fn(solver_fn(system, field, ts, rtol=rtol, atol=atol), mode)
+
+    if library == "jaxode":
+        def fwd(params, z0, rtol, atol):
+            return make(rtol, atol)(params, z0)
+
+        vg = jax.jit(jax.value_and_grad(fwd))
+        fwd = jax.jit(fwd)
+        calls = {r: (lambda f, r=r: f(params, z0, jnp.float32(r), jnp.float32(r / 100)))
+                 for r in rtols}
+    else:
+        assert rtols == (RTOL,)
+        fwd = jax.jit(make(RTOL, ATOL))
+        vg = jax.jit(jax.value_and_grad(make(RTOL, ATOL)))
+        calls = {RTOL: lambda f: f(params, z0)}
+    out = {}
+    for rtol, call in calls.items():
+        jax.block_until_ready(call(fwd))  # compile outside the count
+        counter[0] = 0
+        jax.block_until_ready(call(fwd))
+        forward = counter[0]
+        jax.block_until_ready(call(vg))
+        counter[0] = 0
+        _, grads = jax.block_until_ready(call(vg))
+        out[rtol] = (forward, counter[0] - forward, flat_grad(grads))
+    return out
+
+
+# ================================================================ torchdiffeq
+
+
+def torch_systems(params_np, z0_np, ts_np, default_threads: bool, seminorm: bool):
+    """{name: (run() -> flat gradient, threads)} and the NFE of each torchdiffeq system."""
+    import torch
+    import torchdiffeq
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.from_numpy(np.array(a, np.float32)))
+                 for layer in params_np for a in layer])
+            self.nfe = 0
+
+        def forward(self, t, z):
+            self.nfe += 1
+            w1, b1, w2, b2, w3, b3 = self.weights
+            h = torch.cat([z, t.reshape(1, 1).expand(z.shape[0], 1).to(z.dtype)], dim=-1)
+            h = torch.tanh(h @ w1 + b1)
+            h = torch.tanh(h @ w2 + b2)
+            return h @ w3 + b3
+
+    field = Field()
+    z0, ts = torch.from_numpy(z0_np), torch.from_numpy(ts_np)
+    default = torch.get_num_threads()
+    nfe = {}
+
+    def runner(name, adjoint, threads, options=None):
+        def run():
+            torch.set_num_threads(threads)
+            field.zero_grad()
+            solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+            kwargs = {"adjoint_options": options} if options else {}
+            field.nfe = 0
+            zs = solve(field, z0, ts, rtol=RTOL, atol=ATOL, method="dopri5", **kwargs)
+            forward = field.nfe
+            torch.square(zs).mean().backward()
+            nfe[name] = (forward, field.nfe - forward)
+            return np.concatenate([p.grad.detach().numpy().astype(np.float64).ravel()
+                                   for p in field.weights])
+
+        return run
+
+    threads = [1] + ([default] if default_threads and default != 1 else [])
+    systems = {}
+    for t in threads:
+        systems[f"torchdiffeq odeint_adjoint ({t} thr)"] = (runner(
+            f"adjoint{t}", True, t), t)
+    if seminorm:
+        systems["torchdiffeq odeint_adjoint seminorm (1 thr)"] = (runner(
+            "seminorm", True, 1, {"norm": "seminorm"}), 1)
+    for t in threads:
+        systems[f"torchdiffeq odeint ({t} thr)"] = (runner(f"direct{t}", False, t), t)
+    return systems, nfe
+
+
+def _nfe_key(name: str) -> str:
+    threads = name.split("(")[-1].split()[0]
+    if "seminorm" in name:
+        return "seminorm"
+    return ("adjoint" if "adjoint" in name else "direct") + threads
+
+
+# ================================================================ section: time
+
+
+def section_time(cfg: dict, ref: dict) -> dict:
+    import jax
+
+    params, z0, ts = workload(np.float32)
+    g_ref = ref["direct"]
+    systems = {}
+    for name in JAX_SYSTEMS:
+        firsts, compiled = [], None
+        for _ in range(cfg["compile_repeats"]):
+            # A fresh closure each time, so no tracing or compilation cache is reused.
+            field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
+            compiled, times = first_call(
+                jax.value_and_grad(loss_fn(solver_fn(name, field, ts))), params, z0)
+            firsts.append(times)
+        first = {k: statistics.median(t[k] for t in firsts) for k in firsts[0]}
+        _, grads = compiled(params, z0)
+        rtols = cfg["sweep_rtols"] if name in (BS, BS_FULL) else (RTOL,)
+        counts = count_nfe(name, ts, z0, params, rtols=rtols)
+        entry = {"fn": compiled, "first": first, "grad": flat_grad(grads),
+                 "nfe_fwd": counts[RTOL][0], "nfe_bwd": counts[RTOL][1], "sweep": counts}
+        if JAX_SYSTEMS[name][0] == "jaxode":
+            import jaxode
+
+            stats = jax.jit(lambda z0, p: jaxode.solve(
+                mlp_field, z0, ts, p, rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
+                dense=False).stats)(z0, params)
+            entry["stats_nfe_fwd"] = int(stats["nfe"])
+            entry["stats_steps_fwd"] = int(stats["num_steps"])
+        if name in (BS, BS_FULL):
+            try:
+                fwd, bwd, g_bp = jaxode_backward_stats(
+                    mlp_field, z0, ts, params, JAX_SYSTEMS[name][2]["seminorm"])
+                entry["stats_nfe_bwd"] = bwd
+                entry["backward_pass_vs_grad"] = rel_error(g_bp, entry["grad"])
+            except Exception as error:  # jaxode internals changed: skip the cross-check
+                entry["stats_nfe_bwd"] = None
+                entry["backward_pass_error"] = repr(error)
+        systems[name] = entry
+        print(f"  time: {name} compiled and counted", file=sys.stderr, flush=True)
+
+    torch_fns, torch_nfe = torch_systems(
+        [(np.asarray(w), np.asarray(b)) for w, b in params], np.asarray(z0), np.asarray(ts),
+        cfg["torch_default_threads"], cfg["torch_seminorm"])
+    torch_first, torch_grads = {}, {}
+    for name, (run, _) in torch_fns.items():
+        start = time.perf_counter()
+        torch_grads[name] = run()
+        torch_first[name] = time.perf_counter() - start
+
+    timed = {name: (lambda e=e: e["fn"](params, z0)) for name, e in systems.items()}
+    one_thread = {n: (lambda r=r: r()) for n, (r, t) in torch_fns.items() if t == 1}
+    # The JAX systems get `repeats` interleaved samples; torch (seconds per call) fewer,
+    # interleaved with jaxode backsolve so that the ratio sees one load.
+    times = time_interleaved(timed, cfg["repeats"])
+    torch_times = time_interleaved({**one_thread, BS: timed[BS]}, cfg["torch_repeats"])
+    for name, (run, threads) in torch_fns.items():
+        if threads != 1:
+            # Several threads on a shared 2-core machine can be very slow: 2 samples,
+            # after the first call above.
+            samples = []
+            for _ in range(2):
+                start = time.perf_counter()
+                run()
+                samples.append(time.perf_counter() - start)
+            torch_times[name] = {"median": statistics.median(samples), "min": min(samples),
+                                 "samples": samples}
+    bs_time_torch_run = torch_times.pop(BS)["median"]
+
+    rows = []
+    bs_time = times[BS]["median"]
+    for name, e in systems.items():
+        rows.append({
+            "system": name, "nfe_fwd": e["nfe_fwd"], "nfe_bwd": e["nfe_bwd"],
+            "stats_nfe_fwd": e.get("stats_nfe_fwd"), "stats_nfe_bwd": e.get("stats_nfe_bwd"),
+            "steady_s": times[name]["median"], "steady_min_s": times[name]["min"],
+            "samples_s": times[name]["samples"],
+            "lower_s": e["first"]["lower"], "compile_s": e["first"]["lower"] +
+            e["first"]["compile"], "first_call_s": e["first"]["total"],
+            "grad_rel_error": rel_error(e["grad"], g_ref),
+            "time_over_jaxode_backsolve": times[name]["median"] / bs_time,
+            **({"backward_pass_vs_grad": e["backward_pass_vs_grad"]}
+               if "backward_pass_vs_grad" in e else {}),
+        })
+    for name in torch_fns:
+        fwd, bwd = torch_nfe[_nfe_key(name)]
+        steady = torch_times[name]["median"]
+        base = bs_time_torch_run if torch_fns[name][1] == 1 else bs_time
+        rows.append({
+            "system": name, "nfe_fwd": fwd, "nfe_bwd": bwd if "adjoint" in name else None,
+            "steady_s": steady, "steady_min_s": torch_times[name]["min"],
+            "samples_s": torch_times[name]["samples"], "first_call_s": torch_first[name],
+            "grad_rel_error": rel_error(torch_grads[name], g_ref),
+            "time_over_jaxode_backsolve": steady / base,
+        })
+
+    printed = [[r["system"], fmt(r["nfe_fwd"]), fmt(r["nfe_bwd"]),
+                fmt(r.get("stats_nfe_fwd")) + "/" + fmt(r.get("stats_nfe_bwd")),
+                ms(r["steady_s"]), fmt(r.get("compile_s"), ".2f"),
+                fmt(r["first_call_s"], ".2f"), fmt(r["grad_rel_error"], ".2e"),
+                fmt(r["time_over_jaxode_backsolve"], ".2f")] for r in rows]
+    bp = [f"{n}: {systems[n].get('backward_pass_vs_grad', float('nan')):.1e}"
+          for n in (BS, BS_FULL)]
+    note = (
+        "NFE: evaluations of f executed, counted by a host callback in f (non-timed runs);\n"
+        "  bwd = value_and_grad total - forward solve alone (recomputation by "
+        "checkpointing included;\n  jaxode backsolve: 2 for the initial step + 1 batched "
+        "f at the 50 outputs + the augmented solves).\n"
+        "jaxode stats fwd/bwd: Solution.stats['nfe'] / jaxode.adjoint.backward_pass's NFE "
+        "(its gradient\n  matches jax.grad's to " + ", ".join(bp) + ").\n"
+        f"steady: median of {cfg['repeats']} interleaved samples of the jitted "
+        "value_and_grad; compile = trace/lower +\n  XLA compile (median of "
+        f"{cfg['compile_repeats']} fresh closures); 1st call = compile + first run "
+        "(torch: first call).\n"
+        f"grad err: ||g - g_ref|| / ||g_ref|| over the {g_ref.size} parameters; g_ref: "
+        f"jaxode direct, float64, rtol=atol={REF_TOL:g}\n  (jaxode backsolve in float64 "
+        f"differs from it by {ref['direct_vs_backsolve']:.1e}).\n"
+        "x backsolve: time / jaxode backsolve seminorm's time; torch 1-thread rows are "
+        f"timed in their own\n  interleaved run ({cfg['torch_repeats']} samples) with "
+        f"jaxode backsolve (median {ms(bs_time_torch_run)} ms there).\n"
+        "torchdiffeq odeint: backprop through the solver's operations, so no backward "
+        "evaluations of f;\n  torchdiffeq's adjoint norm: max of per-tensor RMS norms "
+        "(y, a_y, each parameter).")
+    print(table(
+        f"(time) gradient of mean(z^2): MLP 2(+t)-64-64-2, batch {BATCH} joint, {NUM_TS} "
+        f"outputs on [0, {T_END:g}], dopri5 rtol={RTOL:g} atol={ATOL:g}, float32",
+        ["system", "fwd NFE", "bwd NFE", "jaxode stats", "steady ms", "compile s",
+         "1st call s", "grad err", "x backsolve"], printed, note))
+
+    sweep = _sweep_table(systems, g_ref, cfg)
+    by = {r["system"]: r for r in rows}
+    targets = _time_targets(by, sweep, torch_fns)
+    _print_targets("(time) targets", targets)
+    for e in systems.values():
+        e.pop("fn")
+        e.pop("grad")
+        e["sweep"] = {str(k): (a, b, rel_error(g, g_ref)) for k, (a, b, g) in
+                      e["sweep"].items()}
+    return {"rows": rows, "sweep": sweep, "targets": targets,
+            "reference": {k: ref[k] for k in ("path", "direct_vs_backsolve", "direct_s",
+                                               "backsolve_s", "direct_loss")},
+            "settings": {"rtol": RTOL, "atol": ATOL, "batch": BATCH, "num_ts": NUM_TS,
+                         "t_end": T_END, "max_steps": MAX_STEPS, "ref_tol": REF_TOL}}
+
+
+def _sweep_table(systems, g_ref, cfg) -> dict:
+    """Backward NFE against gradient error for the seminorm and the full norm."""
+    rows, curves = [], {}
+    for name in (BS, BS_FULL):
+        curve = []
+        for rtol, (fwd, bwd, g) in sorted(systems[name]["sweep"].items(), reverse=True):
+            err = rel_error(g, g_ref)
+            curve.append((rtol, fwd, bwd, err))
+        curves[name] = curve
+    for (rtol, fwd, b_semi, e_semi), (_, _, b_full, e_full) in zip(curves[BS], curves[BS_FULL]):
+        rows.append([f"{rtol:.0e}", fmt(fwd), fmt(b_semi), fmt(e_semi, ".2e"), fmt(b_full),
+                     fmt(e_full, ".2e"), fmt(b_semi / b_full, ".2f")])
+    # The full norm's backward NFE at the seminorm's error (workload tolerance), by
+    # log-log interpolation of the full norm's curve.
+    semi = next(c for c in curves[BS] if c[0] == RTOL)
+    full_at = _interpolate_nfe(curves[BS_FULL], semi[3])
+    equal = None if full_at is None else semi[2] / full_at
+    note = ("Tolerance sweep, forward and adjoint rtol = tol, atol = tol/100 (traced, one "
+            "compile); backward NFE counted.\n"
+            f"At the seminorm's error at rtol={RTOL:g} ({semi[3]:.2e}) the full norm needs "
+            f"{fmt(full_at, '.0f')} backward NFE (log-log\ninterpolation): seminorm / full "
+            f"at equal gradient error = {fmt(equal, '.2f')}.")
+    print(table("(time) seminorm vs full norm: backward NFE against gradient error",
+                ["rtol", "fwd NFE", "bwd semi", "err semi", "bwd full", "err full",
+                 "semi/full NFE"], rows, note))
+    return {"curves": {k: v for k, v in curves.items()}, "full_nfe_at_semi_error": full_at,
+            "semi_over_full_at_equal_error": equal}
+
+
+def _interpolate_nfe(curve, err):
+    """NFE at gradient error `err` on a (rtol, fwd, bwd, err) curve, log-log, or None."""
+    points = sorted((c[3], c[2]) for c in curve)
+    for (e0, n0), (e1, n1) in zip(points, points[1:]):
+        if e0 <= err <= e1 and e0 > 0 and e1 > e0:
+            w = (math.log(err) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
+    return None
+
+
+def _time_targets(by, sweep, torch_fns) -> list:
+    bs, dfx_bs, direct, dfx_rc = by[BS], by[DFX_BS], by[DIRECT], by[DFX_RC]
+    t_bs = bs["steady_s"] / dfx_bs["steady_s"]
+    targets = [
+        {"target": "backsolve time <= 0.6x diffrax BacksolveAdjoint", "value": t_bs,
+         "met": t_bs <= 0.6},
+        {"target": "  ... with gradient error no worse (err ratio)",
+         "value": bs["grad_rel_error"] / dfx_bs["grad_rel_error"],
+         "met": bs["grad_rel_error"] <= dfx_bs["grad_rel_error"]},
+    ]
+    same_tol = bs["nfe_bwd"] / by[BS_FULL]["nfe_bwd"]
+    equal = sweep["semi_over_full_at_equal_error"]
+    targets += [
+        {"target": "seminorm bwd NFE <= 0.7x full norm (equal error)", "value": equal,
+         "met": equal is not None and equal <= 0.7},
+        {"target": "  (same tolerance, for reference)", "value": same_tol,
+         "met": same_tol <= 0.7},
+    ]
+    t_d = direct["steady_s"] / dfx_rc["steady_s"]
+    c_d = direct["compile_s"] / dfx_rc["compile_s"]
+    targets += [
+        {"target": "direct time <= 1.0x diffrax RecursiveCheckpoint", "value": t_d,
+         "met": t_d <= 1.0},
+        {"target": "direct compile <= 0.5x diffrax RecursiveCheckpoint", "value": c_d,
+         "met": c_d <= 0.5},
+    ]
+    for name in torch_fns:
+        if "odeint_adjoint (" in name:
+            speed = 1 / by[name]["time_over_jaxode_backsolve"]
+            targets.append({"target": f"backsolve >= 7x faster than {name}",
+                            "value": speed, "met": speed >= 7})
+    return targets
+
+
+def _print_targets(title, targets):
+    print(table(title, ["target", "value", "met"],
+                [[t["target"], fmt(t["value"], ".3f"), fmt(t["met"])] for t in targets]))
+
+
+# ================================================================ section: memory
+
+
+def section_memory(cfg: dict) -> dict:
+    import jax
+
+    params, z0, ts = workload(np.float32)
+    z0 = z0[:MEMORY_BATCH]
+    names = (BS, DIRECT, DFX_BS, DFX_RC)
+    rows = []
+    for steps in cfg["memory_steps"]:
+        for name in names:
+            loss = loss_fn(solver_fn(name, mlp_field, ts, max_steps=steps, fixed_steps=steps))
+            start = time.perf_counter()
+            compiled = jax.jit(jax.value_and_grad(loss)).lower(params, z0).compile()
+            compile_s = time.perf_counter() - start
+            mem = compiled.memory_analysis()
+            value, grads = jax.block_until_ready(compiled(params, z0))
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(params, z0))
+            run_s = time.perf_counter() - start
+            rows.append({"system": name, "steps": steps,
+                         "temp_bytes": int(mem.temp_size_in_bytes),
+                         "argument_bytes": int(mem.argument_size_in_bytes),
+                         "output_bytes": int(mem.output_size_in_bytes),
+                         "compile_s": compile_s, "run_s": run_s,
+                         "finite": bool(np.isfinite(flat_grad(grads)).all()
+                                        and np.isfinite(float(value)))})
+        print(f"  memory: {steps} steps done", file=sys.stderr, flush=True)
+
+    def cell(name, steps, key):
+        r = next(r for r in rows if r["system"] == name and r["steps"] == steps)
+        return r[key]
+
+    steps = cfg["memory_steps"]
+    printed = []
+    for name in names:
+        temps = [cell(name, s, "temp_bytes") for s in steps]
+        printed.append([name, *[f"{t / 2**10:,.0f}" for t in temps],
+                        fmt(temps[-1] / temps[0], ".1f"),
+                        *[fmt(cell(name, s, "compile_s"), ".2f") for s in steps],
+                        ms(cell(name, steps[-1], "run_s")),
+                        fmt(all(cell(name, s, "finite") for s in steps))])
+    print(table(
+        f"(memory) compiled value_and_grad temp memory (KiB) against fixed rk4 steps; "
+        f"MLP field, batch {MEMORY_BATCH}, {NUM_TS} outputs, float32",
+        ["system", *[f"{s:,} st KiB" for s in steps], f"x {steps[-1] // steps[0]} st",
+         *[f"{s:,} st compile s" for s in steps], f"{steps[-1]:,} st run ms", "finite"],
+        printed,
+        "temp: XLA memory_analysis().temp_size_in_bytes of the compiled gradient; dt0 = "
+        "T/N, max_steps = N for both\nlibraries (diffrax: ConstantStepSize and a "
+        "user-defined RK4 tableau). torch peak memory: not measured\n(CPU allocations "
+        "are not tracked by torch)."))
+    return {"rows": rows, "batch": MEMORY_BATCH}
+
+
+# ================================================================ section: vmap
+
+
+def section_vmap(cfg: dict, ref: dict, skip_slow: bool) -> dict:
+    import jax
+
+    params, z0, ts = workload(np.float32)
+    g_ref = ref["direct"]
+    runs = {
+        "jaxode backsolve, joint": (BS, "joint"),
+        "jaxode backsolve, vmap": (BS, "vmap"),
+        "jaxode direct, vmap": (DIRECT, "vmap"),
+        "diffrax RecursiveCheckpoint, vmap": (DFX_RC, "vmap"),
+    }
+    built = {}
+    for label, (name, mode) in runs.items():
+        field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
+        compiled, first = first_call(
+            jax.value_and_grad(loss_fn(solver_fn(name, field, ts), mode)), params, z0)
+        _, grads = compiled(params, z0)
+        built[label] = {"fn": compiled, "first": first, "grad": flat_grad(grads)}
+        print(f"  vmap: {label} compiled", file=sys.stderr, flush=True)
+    for label in ("jaxode backsolve, vmap",):
+        name, mode = runs[label]
+        counts = count_nfe(name, ts, z0, params, mode)
+        built[label]["nfe_fwd"], built[label]["nfe_bwd"] = counts[RTOL][:2]
+    times = time_interleaved({k: (lambda e=e: e["fn"](params, z0)) for k, e in built.items()},
+                             cfg["vmap_repeats"])
+    if not skip_slow:
+        label = "diffrax BacksolveAdjoint, vmap"
+        compiled, first = first_call(
+            jax.value_and_grad(loss_fn(solver_fn(DFX_BS, mlp_field, ts), "vmap")), params, z0)
+        start = time.perf_counter()
+        _, grads = jax.block_until_ready(compiled(params, z0))
+        once = time.perf_counter() - start
+        built[label] = {"first": first, "grad": flat_grad(grads)}
+        times[label] = {"median": once, "min": once, "samples": [once], "number": 1}
+    joint = times["jaxode backsolve, joint"]["median"]
+    rows = []
+    for label, e in built.items():
+        rows.append({"system": label, "steady_s": times[label]["median"],
+                     "samples_s": times[label]["samples"],
+                     "compile_s": e["first"]["lower"] + e["first"]["compile"],
+                     "grad_rel_error": rel_error(e["grad"], g_ref),
+                     "over_joint_backsolve": times[label]["median"] / joint,
+                     "nfe_fwd": e.get("nfe_fwd"), "nfe_bwd": e.get("nfe_bwd")})
+    slow = ("diffrax BacksolveAdjoint, vmap: skipped (--skip-slow)" if skip_slow else
+            "diffrax BacksolveAdjoint, vmap: one call after compiling (slow), not interleaved")
+    vm = built["jaxode backsolve, vmap"]
+    print(table(
+        "(vmap) the same gradient with jax.vmap over z0 (every sample its own steps)",
+        ["system", "steady ms", "compile s", "grad err", "x joint backsolve"],
+        [[r["system"], ms(r["steady_s"]), fmt(r["compile_s"], ".2f"),
+          fmt(r["grad_rel_error"], ".2e"), fmt(r["over_joint_backsolve"], ".2f")]
+         for r in rows],
+        f"steady: median of {cfg['vmap_repeats']}, interleaved. jaxode backsolve vmap "
+        f"executes {vm['nfe_fwd']} batched forward and\n{vm['nfe_bwd']} batched backward "
+        f"evaluations (the while loops run until the slowest lane is done).\n" + slow))
+    ratio_v = times["jaxode backsolve, vmap"]["median"] / joint
+    targets = [{"target": "vmapped backsolve <= 2x joint backsolve time", "value": ratio_v,
+                "met": ratio_v <= 2.0}]
+    _print_targets("(vmap) targets", targets)
+    return {"rows": rows, "targets": targets, "skip_slow": skip_slow}
+
+
+# ================================================================ driver
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _meta(args) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("jax", "jaxlib", "equinox", "diffrax", "torch", "torchdiffeq", "jaxode"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "sections": list(args.section), "quick": args.quick, "skip_slow": args.skip_slow,
+        "versions": versions, "python": platform.python_version(),
+        "machine": platform.platform(), "cpu_count": os.cpu_count(),
+        "config": config(args.quick),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--section", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="sections to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run")
+    parser.add_argument("--skip-slow", action="store_true",
+                        help="skip the vmapped diffrax BacksolveAdjoint gradient (~15 s+)")
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "gradients.json"),
+                        help="where to write the JSON results")
+    parser.add_argument("--reference-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reference_worker:
+        reference_worker(args.reference_worker)
+        return
+
+    import jax
+
+    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(1.0))  # backend start-up, not timed
+    cfg = config(args.quick)
+    started = time.perf_counter()
+    results = {"meta": _meta(args)}
+    ref = load_reference() if {"time", "vmap"} & set(args.section) else None
+    if "time" in args.section:
+        results["time"] = section_time(cfg, ref)
+    if "memory" in args.section:
+        results["memory"] = section_memory(cfg)
+    if "vmap" in args.section:
+        results["vmap"] = section_vmap(cfg, ref, args.skip_slow)
+    results["meta"]["wall_s"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=_jsonable))
+    print(f"results written to {out} ({results['meta']['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
