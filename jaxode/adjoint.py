@@ -214,9 +214,9 @@ def backward_pass(ff, options: Options, residuals, zs_cotangent):
         interval, init, jnp.arange(last, 0, -1)
     )
     ts_bar = ts_bar.at[0].set(-jnp.dot(a, f_at_outputs[0]))
-    z0_bar = a + g[0]
-    a_theta = eqx.branched_error_if(
-        a_theta, status != integrate.SUCCESS, status, integrate.STATUS_MESSAGES
+    # On every cotangent: an unused one (and its check) may be dropped as dead code.
+    z0_bar, ts_bar, a_theta = eqx.branched_error_if(
+        (a + g[0], ts_bar, a_theta), status != integrate.SUCCESS, status, integrate.STATUS_MESSAGES
     )
     params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
     return (z0_bar, ts_bar.astype(ts.dtype), params_bar, consts_bar), nfe
@@ -304,8 +304,8 @@ def backward_pass_lanes(ff, options: Options, residuals, zs_cotangent):
             for i in range(tableau.num_stages):
                 if tableau.b[i] == 0:
                     continue
-                weight = jnp.where(record.accept & active, record.dt * tableau.b[i], 0.0)
-                times = back_direction * (record.t + tableau.c[i] * record.dt)
+                weight = jnp.where(record.accept & active, record.dt * float(tableau.b[i]), 0.0)
+                times = back_direction * (record.t + float(tableau.c[i]) * record.dt)
                 points = record.points[i]
                 f_i = jax.vmap(lambda y, t: field(y[:n], t, diff))(points, times)
                 total = total + jnp.sum(weight[:, None] * points[:, n:] * f_i)
@@ -379,11 +379,14 @@ def backward_pass_lanes(ff, options: Options, residuals, zs_cotangent):
     f_at_outputs = jax.vmap(jax.vmap(lambda z, t: field(z, t, differentiable)), (0, None))(zs, ts)
     ts_bar = jnp.einsum("bij,bij->bi", g, f_at_outputs)
     ts_bar = ts_bar.at[:, 0].set(-jnp.einsum("bj,bj->b", a, f_at_outputs[:, 0]))
-    a_theta = eqx.branched_error_if(
-        a_theta, jnp.any(status != integrate.SUCCESS), jnp.max(status), integrate.STATUS_MESSAGES
+    z0s_bar, ts_bar, a_theta = eqx.branched_error_if(
+        (a + g[:, 0], ts_bar.sum(0), a_theta),
+        jnp.any(status != integrate.SUCCESS),
+        jnp.max(status),
+        integrate.STATUS_MESSAGES,
     )
     params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
-    return (a + g[:, 0], ts_bar.sum(0).astype(ts.dtype), params_bar, consts_bar), nfe
+    return (z0s_bar, ts_bar.astype(ts.dtype), params_bar, consts_bar), nfe
 
 
 def _backsolve_lanes_bwd(ff, options, residuals, cotangents):

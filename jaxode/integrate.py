@@ -67,7 +67,7 @@ def rk_step(tableau: Tableau, f, t, z, k1, dt):
     stages, points = [k1], [z]
     for i in range(1, tableau.num_stages):
         z_i = z + dt * lincomb(tableau.a[i, :i], stages)
-        stages.append(f(t + tableau.c[i] * dt, z_i))
+        stages.append(f(t + float(tableau.c[i]) * dt, z_i))
         points.append(z_i)
     return z + dt * lincomb(tableau.b, stages), stages, points
 

@@ -2,9 +2,10 @@
 
 References are central finite differences of tight-tolerance solves and closed forms.
 Every gradient function is jitted once at module level and shared between tests (XLA
-compilation dominates the cost of this file), so the core tests compile only one gradient per adjoint
-(whose loss values also give the finite differences), a small problem's gradient and
-Hessian, and the backsolve memory probes. Tests that need further compilations are marked slow.
+compilation dominates the cost of this file), so the core tests compile only one
+gradient per adjoint (whose loss values also give the finite differences), a small
+problem's gradient and grad of grad, and the backsolve memory probes. Tests that need
+further compilations are marked slow.
 
 Error scales: the solves run at rtol = atol = 1e-10 (gradients) and 1e-12 (finite
 differences, step 1e-5, whose truncation error is ~1e-10 here). Both adjoints then
@@ -15,14 +16,13 @@ missing term or a gradient that silently comes out as zero.
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-import jax
-import jax.numpy as jnp
 import jaxode
-
 
 GRAD_TOL = 1e-10  # rtol = atol of the solves that are differentiated
 FD_TOL = 1e-12  # rtol = atol of the finite-difference reference solves
@@ -193,9 +193,8 @@ def test_adjoint_tolerances_are_used():
     loose backward tolerance (with the forward one tight) gives a visibly less accurate
     gradient than a tight one, still a close approximation."""
     reference = finite_differences("increasing")
-    _, tight = cached_gradient("increasing", "backsolve")
+    value_tight, tight = cached_gradient("increasing", "backsolve")
     value, loose = gradient("increasing", "backsolve", adjoint_tol=1e-5)
-    value_tight, _ = cached_gradient("increasing", "backsolve")
     assert value == value_tight  # the forward solve does not see adjoint_rtol
     error_tight = relative_difference(tight, reference)
     error_loose = relative_difference(loose, reference)
@@ -259,8 +258,13 @@ def scalar_exact(x):
 
 
 scalar_grad = jax.jit(jax.grad(scalar_loss))
-# jax.hessian is jacfwd(jacrev): forward mode is not defined for a custom_vjp.
-scalar_hessian = jax.jit(jax.jacrev(jax.jacrev(scalar_loss)))
+
+
+@jax.jit
+def scalar_hessian_vector_product(x, v):
+    """jax.grad of jax.grad (reverse over reverse): the backward pass differentiated by
+    the adjoint method again."""
+    return jax.grad(lambda y: jnp.dot(jax.grad(scalar_loss)(y), v))(x)
 
 
 def test_gradient_closed_form():
@@ -268,19 +272,31 @@ def test_gradient_closed_form():
     np.testing.assert_allclose(scalar_grad(x), jax.grad(scalar_exact)(x), rtol=1e-7, atol=1e-8)
 
 
-def test_hessian_closed_form_and_finite_differences():
-    """jacrev(jacrev) through backsolve: against the closed form, and against central
-    differences of the (first-order, backsolve) gradient."""
+def test_grad_of_grad_closed_form_and_finite_differences():
+    """Hessian columns by grad of grad through backsolve, w.r.t. p, z0 and every time:
+    against the closed form, and against central differences of the (first-order,
+    backsolve) gradient."""
     x = jnp.asarray(SCALAR_X)
-    hessian = np.asarray(scalar_hessian(x))
+    hessian = np.stack([scalar_hessian_vector_product(x, e) for e in np.eye(x.size)], axis=1)
     exact = np.asarray(jax.hessian(scalar_exact)(x))
     assert np.abs(exact[0, 0]) > 0.05  # d^2L/dp^2
-    np.testing.assert_allclose(hessian, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(hessian, exact, rtol=1e-6, atol=1e-6 * scale)
     h = 1e-5
     columns = [(scalar_grad(x + h * e) - scalar_grad(x - h * e)) / (2 * h)
                for e in np.eye(x.size)]
     fd = np.stack(columns, axis=1)
-    np.testing.assert_allclose(hessian, fd, rtol=0, atol=1e-5 * np.abs(exact).max())
+    np.testing.assert_allclose(hessian, fd, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.slow
+def test_jacrev_of_jacrev_hessian():
+    """The full Hessian as jacrev(jacrev(...)) (jax.hessian itself is jacfwd(jacrev),
+    and forward mode is not defined for a custom_vjp)."""
+    x = jnp.asarray(SCALAR_X)
+    hessian = jax.jit(jax.jacrev(jax.jacrev(scalar_loss)))(x)
+    exact = np.asarray(jax.hessian(scalar_exact)(x))
+    np.testing.assert_allclose(hessian, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
 
 
 # -------------------------------------------------------------------------- memory
@@ -369,14 +385,15 @@ def test_adjoint_solver_tsit5():
 @pytest.mark.slow
 @pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
 def test_array_state_gradient(adjoint):
-    """The same problem with the state as one array instead of a tuple."""
+    """The same problem with the state as one array instead of a tuple, through
+    `jaxode.solve` (dense output on) instead of `odeint`."""
 
     def array_loss(z0, ts, params, c):
-        zs = jaxode.odeint(
+        sol = jaxode.solve(
             lambda z, t, p: jnp.concatenate(field((z[:2], z[2:]), t, p, c)),
             z0, ts, params, rtol=GRAD_TOL, atol=GRAD_TOL, adjoint=adjoint,
         )
-        return jnp.sum(jnp.asarray(WEIGHTS) * jnp.sum(zs**2, axis=1))
+        return jnp.sum(jnp.asarray(WEIGHTS) * jnp.sum(sol.zs**2, axis=1))
 
     z0, ts, params, c = _args("increasing")
     z0 = jnp.concatenate(z0)
