@@ -183,7 +183,6 @@ def make_stepper(
 
     def init(z0, dt0) -> _Carry:
         status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
-        status = jnp.where(jnp.all(jnp.isfinite(z0)), status, NONFINITE_STATE)
         f0 = f(t0, z0)
         nfe = 1
         if dt0 is None:
@@ -192,6 +191,9 @@ def make_stepper(
             nfe += 1
         else:
             dt = jnp.asarray(dt0, dtype)
+        # A non-finite start would otherwise spin through max_steps rejected steps.
+        finite = jnp.all(jnp.isfinite(z0)) & jnp.all(jnp.isfinite(f0)) & jnp.isfinite(dt)
+        status = jnp.where(finite, status, NONFINITE_STATE)
 
         zs = jnp.full((num_outputs, n), jnp.nan, dtype).at[0].set(z0)
         history = None

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-HANG_SECONDS = 120
+HANG_SECONDS = 300
 
 
 @pytest.fixture(autouse=True)
