@@ -72,6 +72,10 @@ def rk_step(tableau: Tableau, f, t, z, k1, dt):
     return z + dt * lincomb(tableau.b, stages), stages, points
 
 
+# Outputs filled per pass of the save loop (see make_stepper's save_outputs).
+SAVE_CHUNK = 4
+
+
 class DenseHistory(NamedTuple):
     """Every accepted step, for `Solution.evaluate`: unused rows have t_start = +inf."""
 
@@ -148,7 +152,26 @@ def solve_flat(f: Callable, z0, taus, *, differentiable: bool = False, **options
             kind="checkpointed",
         )
     else:
-        final = lax.while_loop(stepper.unfinished, step, stepper.init(z0, dt0))
+        # The loop runs while any lane (of a vmapped solve) is unfinished, masking the
+        # finished lanes itself: a batched loop condition would make XLA select every
+        # carry leaf, the output and history buffers included, at every step.
+        def masked_step(c):
+            active = stepper.unfinished(c)
+            new = stepper.step(c, active)[0]
+            kept = jax.tree_util.tree_map(
+                lambda a, b: jnp.where(active, a, b),
+                new._replace(zs=None, history=None),
+                c._replace(zs=None, history=None),
+            )
+            return kept._replace(zs=new.zs, history=new.history)
+
+        final = eqxi.while_loop(
+            lambda c: eqxi.unvmap_any(stepper.unfinished(c)),
+            masked_step,
+            stepper.init(z0, dt0),
+            buffers=lambda c: (c.zs, c.history),
+            kind="lax",
+        )
     return stepper.finish(final)
 
 
@@ -228,13 +251,27 @@ def make_stepper(
             return accept & (index < num_outputs) & (next_tau <= t_new)
 
         def fill(state):
+            """The next SAVE_CHUNK outputs at once: one scatter, in which outputs beyond the
+            step (and, under vmap, those of lanes with nothing to write) are aimed past the
+            end of the buffer and dropped, so it is never read or selected as a whole."""
             index, zs = state
-            tau = taus[index]
-            value = interpolate(tableau, z, dt, stages, (tau - t) / dt)
-            value = jnp.where(tau == t_new, z_new, value)
-            return index + 1, zs.at[index].set(value)
+            indices = index + jnp.arange(SAVE_CHUNK, dtype=index.dtype)
+            tau = taus[jnp.minimum(indices, num_outputs - 1)]
+            write = accept & (indices < num_outputs) & (tau <= t_new)
+            values = jax.vmap(lambda tau: interpolate(tableau, z, dt, stages, (tau - t) / dt))(tau)
+            values = jnp.where((tau == t_new)[:, None], z_new, values)
+            zs = zs.at[jnp.where(write, indices, num_outputs)].set(values, mode="drop")
+            return index + jnp.sum(write, dtype=index.dtype), zs
 
-        next_output, zs = lax.while_loop(pending, fill, (next_output, zs))
+        # Most steps pass at most SAVE_CHUNK outputs: one chunk without a loop, then a
+        # loop (entered only while some lane still has outputs in this step).
+        next_output, zs = eqxi.while_loop(
+            lambda state: eqxi.unvmap_any(pending(state)),
+            fill,
+            fill((next_output, zs)),
+            buffers=lambda state: state[1],
+            kind="lax",
+        )
         return zs, next_output
 
     def save_outputs_masked(zs, next_output, t, z, dt, t_new, z_new, stages, accept):
@@ -246,7 +283,9 @@ def make_stepper(
         zs = jnp.where(inside[:, None], values, zs)
         return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
 
-    def step(c: _Carry) -> _Carry:
+    def step(c: _Carry, active=True) -> _Carry:
+        """One step attempt. `active` is False for a lane that has finished while others
+        go on (a vmapped solve): its outputs and history stay untouched."""
         # A last step within rounding of dt is stretched rather than followed by a sliver.
         last = t_end - c.t <= c.dt * (1 + 100 * jnp.finfo(dtype).eps)
         dt = jnp.where(last, t_end - c.t, c.dt)
@@ -278,7 +317,7 @@ def make_stepper(
 
         save = save_outputs_masked if differentiable else save_outputs
         zs, next_output = save(
-            c.zs, c.next_output, c.t, c.z, dt, t_new, z_new, stages, accept
+            c.zs, c.next_output, c.t, c.z, dt, t_new, z_new, stages, accept & active
         )
         history = c.history
         if dense:
@@ -287,7 +326,7 @@ def make_stepper(
             # the one `evaluate_history` finds.
             slot = c.num_steps
             history = DenseHistory(
-                t_start=history.t_start.at[slot].set(c.t),
+                t_start=history.t_start.at[slot].set(jnp.where(active, c.t, jnp.inf)),
                 dt=history.dt.at[slot].set(dt),
                 z_start=history.z_start.at[slot].set(c.z),
                 stages=history.stages.at[slot].set(jnp.stack(stages)),

@@ -171,14 +171,17 @@ BOSH3 = Tableau(
 )
 
 _DOPRI5_B = [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)]
+# The embedded fourth-order weights of diffrax, torchdiffeq and jax.experimental.ode
+# (Hairer's DOPRI5 code has another set, whose larger estimate takes ~6% more steps):
+# the same steps as those libraries for a drop-in replacement.
 _DOPRI5_B_LOW = [
-    F(5179, 57600),
+    F(1951, 21600),
     0,
-    F(7571, 16695),
-    F(393, 640),
-    F(-92097, 339200),
-    F(187, 2100),
-    F(1, 40),
+    F(22642, 50085),
+    F(451, 720),
+    F(-12231, 42400),
+    F(649, 6300),
+    F(1, 60),
 ]
 # Shampine's weights for z at the middle of the step (fourth order there).
 _DOPRI5_B_MID = [
