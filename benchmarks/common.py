@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -28,10 +29,11 @@ def time_interleaved(
     """Steady-state times of several zero-argument callables, sampled round-robin.
 
     Each callable is warmed up once, then called `number` times per sample (chosen so
-    a sample lasts at least `min_sample_s`), `repeats` samples each, interleaved so
-    that load from other processes falls on all of them alike. Every call is blocked
-    on, so a sample is latency, not throughput. Returns {name: {median, min, samples}}
-    in seconds per call.
+    a sample lasts at least `min_sample_s`), `repeats` samples each: one sample of
+    each per round, in a shuffled order, so that load from other processes falls on
+    all of them alike (see `paired_ratio`). Every call is blocked on, so a sample is
+    latency, not throughput. Returns {name: {median, min, number, samples}}, seconds
+    per call.
     """
     numbers = {}
     for name, fn in fns.items():
@@ -41,8 +43,12 @@ def time_interleaved(
         once = time.perf_counter() - start
         numbers[name] = max(1, math.ceil(min_sample_s / max(once, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             number = numbers[name]
             start = time.perf_counter()
             for _ in range(number):
@@ -53,6 +59,11 @@ def time_interleaved(
                "samples": s}
         for name, s in samples.items()
     }
+
+
+def paired_ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of time[a] / time[b], both sampled in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a]["samples"], times[b]["samples"]))
 
 
 def first_call(fn: Callable, *args) -> tuple[Callable, dict]:

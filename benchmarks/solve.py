@@ -35,6 +35,7 @@ from .common import (
     mlp_field,
     mlp_params,
     ms,
+    paired_ratio,
     ratio,
     table,
     time_interleaved,
@@ -62,8 +63,9 @@ def config(quick: bool) -> dict:
     if quick:
         return dict(quick=True, repeats_a=3, compile_repeats=1, repeats_b=3,
                     min_sample_b=0.005, tols_b=(1e-4, 1e-8), repeats_c=3, evals_c=200)
-    return dict(quick=False, repeats_a=15, compile_repeats=3, repeats_b=9,
-                min_sample_b=0.02, tols_b=TOLS_B, repeats_c=15, evals_c=1000)
+    # Many short rounds: a burst of load from other processes then spoils few of them.
+    return dict(quick=False, repeats_a=15, compile_repeats=3, repeats_b=21,
+                min_sample_b=0.01, tols_b=TOLS_B, repeats_c=15, evals_c=1000)
 
 
 def counting(f, counter: list):
@@ -137,39 +139,51 @@ def _mlp_solver(system: str, mode: str, field, ts, with_stats: bool):
     return fn if mode == "joint" else jax.vmap(fn, in_axes=(0, None))
 
 
-def _build_mlp_system(cache: dict, system: str, mode: str, compile_repeats: int):
-    """Compile (timing the first call) and count the NFE of one system; memoised."""
-    key = (system, mode)
-    if key in cache:
-        return cache[key]
+def _build_mlp_systems(cache: dict, keys, compile_repeats: int) -> None:
+    """Compile (timing first calls) and count the NFE of (system, mode) pairs; memoised.
+
+    The first-call samples are taken round-robin over the systems, each from a fresh
+    closure so that no tracing or compilation cache is reused.
+    """
     import jax
 
+    keys = [k for k in keys if k not in cache]
+    if not keys:
+        return
     params, z0, ts = _workload()
-    firsts = []
-    compiled = None
+    firsts: dict = {k: [] for k in keys}
+    compiled = {}
     for _ in range(compile_repeats):
-        # A fresh closure each time, so no tracing or compilation cache is reused.
-        field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
-        compiled, times = first_call(_mlp_solver(system, mode, field, ts, False), z0, params)
-        firsts.append(times)
-    first = {k: statistics.median(t[k] for t in firsts) for k in firsts[0]}
+        for system, mode in keys:
+            field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
+            compiled[(system, mode)], times = first_call(
+                _mlp_solver(system, mode, field, ts, False), z0, params)
+            firsts[(system, mode)].append(times)
+    for key in keys:
+        system, mode = key
+        counter = [0]
+        stats_fn = jax.jit(_mlp_solver(system, mode, counting(mlp_field, counter), ts, True))
+        jax.block_until_ready(stats_fn(z0, params))
+        counter[0] = 0
+        stats = jax.device_get(jax.block_until_ready(stats_fn(z0, params)))
+        samples = firsts[key]
+        entry = {"fn": compiled[key], "args": (z0, params), "nfe": counter[0],
+                 "first": {k: statistics.median(t[k] for t in samples) for k in samples[0]},
+                 "compile_samples": [t["lower"] + t["compile"] for t in samples]}
+        if system == "jaxode":
+            entry["nfe_stats_max"] = int(np.max(stats["nfe"]))
+            entry["nfe_stats_mean"] = float(np.mean(stats["nfe"]))
+        if system in ("jaxode", "diffrax"):
+            entry["steps_max"] = int(np.max(stats["num_steps"]))
+            entry["steps_mean"] = float(np.mean(stats["num_steps"]))
+            rejected = stats.get("num_rejected", stats.get("num_rejected_steps"))
+            entry["rejected_max"] = int(np.max(rejected))
+        cache[key] = entry
 
-    counter = [0]
-    stats_fn = jax.jit(_mlp_solver(system, mode, counting(mlp_field, counter), ts, True))
-    stats = jax.block_until_ready(stats_fn(z0, params))
-    counter[0] = 0
-    stats = jax.device_get(jax.block_until_ready(stats_fn(z0, params)))
-    entry = {"fn": compiled, "args": (z0, params), "nfe": counter[0], "first": first}
-    if system == "jaxode":
-        entry["nfe_stats_max"] = int(np.max(stats["nfe"]))
-        entry["nfe_stats_mean"] = float(np.mean(stats["nfe"]))
-    if system in ("jaxode", "diffrax"):
-        entry["steps_max"] = int(np.max(stats["num_steps"]))
-        entry["steps_mean"] = float(np.mean(stats["num_steps"]))
-        rejected = stats.get("num_rejected", stats.get("num_rejected_steps"))
-        entry["rejected_max"] = int(np.max(rejected))
-    cache[key] = entry
-    return entry
+
+def _compile_ratio(a: dict, b: dict) -> float:
+    """Median over the first-call rounds of compile time a / b (paired by round)."""
+    return statistics.median(x / y for x, y in zip(a["compile_samples"], b["compile_samples"]))
 
 
 def _torch_system(params_np, z0_np, ts_np):
@@ -215,49 +229,47 @@ def _torch_system(params_np, z0_np, ts_np):
 
 
 def section_a(cfg: dict, cache: dict) -> dict:
-
     params, z0, ts = _workload()
-    rows = []
-    timed = {}
-    for system in JAX_SYSTEMS:
-        for mode in MODES:
-            entry = _build_mlp_system(cache, system, mode, cfg["compile_repeats"])
-            fn, args = entry["fn"], entry["args"]
-            timed[f"{system}/{mode}"] = lambda fn=fn, args=args: fn(*args)
+    keys = [(system, mode) for mode in MODES for system in JAX_SYSTEMS]
+    _build_mlp_systems(cache, keys, cfg["compile_repeats"])
+    timed = {f"{s}/{m}": (lambda e=cache[(s, m)]: e["fn"](*e["args"])) for s, m in keys}
+    times = time_interleaved(timed, cfg["repeats_a"])
+    # torch runs in its own block: its OpenMP threads spin after each call and would
+    # slow down whichever JAX call came next.
     runners, torch_nfe, torch_first = _torch_system(
         [(np.asarray(w), np.asarray(b)) for w, b in params], np.asarray(z0), np.asarray(ts)
     )
-    for threads, run in runners.items():
-        timed[f"torchdiffeq-{threads}t/joint"] = run
-    times = time_interleaved(timed, cfg["repeats_a"])  # torch runners return None
+    times.update(time_interleaved(
+        {f"torchdiffeq-{n}t/joint": run for n, run in runners.items()}, cfg["repeats_a"]))
 
-    def row(name, mode, entry, t_key):
+    rows = []
+    for key in [*keys, *(("torchdiffeq", f"{n}t") for n in runners)]:
+        system, mode = key
+        entry = cache.get(key)
+        if entry is None:  # torch
+            name = f"torchdiffeq ({mode[:-1]} thr)"
+            t_key, mode = f"torchdiffeq-{mode}/joint", "joint"
+        else:
+            t_key, name = f"{system}/{mode}", system
         jx = cache[("jaxode", mode)]
-        steady = times[t_key]["median"]
-        first = entry.get("first") if entry else None
-        compile_s = first["lower"] + first["compile"] if first else None
-        jx_compile = jx["first"]["lower"] + jx["first"]["compile"]
-        return {
+        first = entry["first"] if entry else None
+        rows.append({
             "system": name, "mode": mode,
             "steps_max": entry.get("steps_max") if entry else None,
             "nfe_executed": entry["nfe"] if entry else torch_nfe,
-            "steady_s": steady, "steady_min_s": times[t_key]["min"],
+            "steady_s": times[t_key]["median"], "steady_min_s": times[t_key]["min"],
             "lower_s": first["lower"] if first else None,
-            "compile_s": compile_s,
-            "first_call_s": first["total"] if first else None,
-            "jaxode_over_this_time": ratio(times[f"jaxode/{mode}"]["median"], steady),
-            "jaxode_over_this_compile": ratio(jx_compile, compile_s),
+            "compile_s": first["lower"] + first["compile"] if first else None,
+            "first_call_s": first["total"] if first else
+            (torch_first if name.startswith("torchdiffeq (1 ") else None),
+            # Paired within rounds where both were sampled together (all but torch).
+            "jaxode_over_this_time": (
+                paired_ratio(times, f"jaxode/{mode}", t_key) if entry else
+                ratio(times[f"jaxode/{mode}"]["median"], times[t_key]["median"])),
+            "jaxode_over_this_compile": _compile_ratio(jx, entry) if entry else None,
             **({k: entry[k] for k in entry if k.startswith(("nfe_stats", "steps_", "rej"))}
                if entry else {}),
-        }
-
-    for mode in MODES:
-        for system in JAX_SYSTEMS:
-            rows.append(row(system, mode, cache[(system, mode)], f"{system}/{mode}"))
-    for threads in runners:
-        r = row(f"torchdiffeq ({threads} thr)", "joint", None, f"torchdiffeq-{threads}t/joint")
-        r["first_call_s"] = torch_first if threads == "1" else None
-        rows.append(r)
+        })
 
     printed = [[r["system"], r["mode"], fmt(r["steps_max"]), fmt(r["nfe_executed"]),
                 ms(r["steady_s"]), fmt(r["lower_s"], ".2f"), fmt(r["compile_s"], ".2f"),
@@ -269,10 +281,11 @@ def section_a(cfg: dict, cache: dict) -> dict:
         f"batched call counts once).\n"
         f"jaxode stats nfe, max over lanes: joint {jx['joint']['nfe_stats_max']}, vmap "
         f"{jx['vmap']['nfe_stats_max']} (mean per lane {jx['vmap']['nfe_stats_mean']:.0f}).\n"
-        f"compile = trace/lower + XLA compile; 1st call = compile + first run; median of "
-        f"{cfg['compile_repeats']} fresh closures. steady: median of {cfg['repeats_a']}, "
-        f"interleaved.\ntorchdiffeq has no vmap (joint only); its 1st call is the first "
-        f"call in the process (1 thread)."
+        f"compile = trace/lower + XLA compile; 1st call = compile + first run; medians of "
+        f"{cfg['compile_repeats']} fresh closures.\nsteady: median of {cfg['repeats_a']} "
+        f"rounds; jaxode/this: median over rounds of the paired ratio.\n"
+        f"torchdiffeq: no vmap (joint only), timed in a block of its own (so its ratio is "
+        f"of medians); its 1st call\nis the first call in the process (1 thread)."
     )
     print(table(
         f"(a) MLP field 2(+t)-64-64-2, batch {BATCH}, {NUM_TS} outputs on [0, {T_END:g}], "
@@ -284,9 +297,8 @@ def section_a(cfg: dict, cache: dict) -> dict:
     targets = []
     for mode in MODES:
         j, d = cache[("jaxode", mode)], cache[("diffrax", mode)]
-        t = ratio(times[f"jaxode/{mode}"]["median"], times[f"diffrax/{mode}"]["median"])
-        c = ratio(j["first"]["lower"] + j["first"]["compile"],
-                  d["first"]["lower"] + d["first"]["compile"])
+        t = paired_ratio(times, f"jaxode/{mode}", f"diffrax/{mode}")
+        c = _compile_ratio(j, d)
         n = ratio(j["nfe"], d["nfe"])
         targets += [
             {"target": f"{mode}: steady time <= 1.0x diffrax", "value": t, "met": t <= 1.0},
@@ -321,8 +333,9 @@ def section_c(cfg: dict, cache: dict) -> dict:
 
         loops[mode] = jax.jit(chain).lower(z0, params).compile()
         timed[f"eval/{mode}"] = lambda loop=loops[mode]: loop(z0, params)
+        _build_mlp_systems(cache, [("jaxode", mode), ("diffrax", mode)], 1)
         for system in ("jaxode", "diffrax"):
-            entry = _build_mlp_system(cache, system, mode, 1)
+            entry = cache[(system, mode)]
             timed[f"{system}/{mode}"] = lambda e=entry: e["fn"](*e["args"])
     times = time_interleaved(timed, cfg["repeats_c"])
 
@@ -332,9 +345,11 @@ def section_c(cfg: dict, cache: dict) -> dict:
         for system in ("jaxode", "diffrax"):
             nfe = cache[(system, mode)]["nfe"]
             solve = times[f"{system}/{mode}"]["median"]
+            # Paired: each round's solve against the same round's evaluation loop.
+            over = paired_ratio(times, f"{system}/{mode}", f"eval/{mode}") * n / nfe
             rows.append({"system": system, "mode": mode, "nfe_executed": nfe,
                          "eval_s": t_eval, "ideal_s": nfe * t_eval, "solve_s": solve,
-                         "overhead": solve / (nfe * t_eval)})
+                         "overhead": over})
         over = rows[-2]["overhead"]
         targets.append({"target": f"{mode}: jaxode overhead <= 1.1", "value": over,
                         "met": over <= 1.1})
@@ -344,8 +359,8 @@ def section_c(cfg: dict, cache: dict) -> dict:
         [[r["system"], r["mode"], fmt(r["nfe_executed"]), us(r["eval_s"]), ms(r["ideal_s"]),
           ms(r["solve_s"]), fmt(r["overhead"], ".2f")] for r in rows],
         f"f eval: lax.fori_loop of {n} chained evaluations z <- z + 1e-3 f(z, t) on the "
-        f"({BATCH}, 2) batch (vmap mode: jax.vmap(f)); medians of {cfg['repeats_c']}, "
-        f"interleaved with the solves."))
+        f"({BATCH}, 2) batch (vmap mode: jax.vmap(f)); medians of {cfg['repeats_c']} "
+        f"rounds with the solves;\noverhead: median over rounds of solve / (NFE x eval)."))
     print(table("(c) targets", ["target", "value", "met"],
                 [[t["target"], fmt(t["value"], ".3f"), fmt(t["met"])] for t in targets]))
     return {"rows": rows, "targets": targets, "evals_per_loop": n}
@@ -467,7 +482,8 @@ def section_b(cfg: dict, cache: dict) -> dict:
                 rows.append({
                     "problem": problem, "method": method, "tol": tol,
                     "jaxode": {**j, "time_s": tj}, "diffrax": {**d, "time_s": td},
-                    "error_ratio": ratio(j["error"], d["error"]), "time_ratio": tj / td,
+                    "error_ratio": ratio(j["error"], d["error"]),
+                    "time_ratio": paired_ratio(times, f"jaxode/{tol}", f"diffrax/{tol}"),
                 })
         print(f"  (b) {problem}: done", file=sys.stderr, flush=True)
 
@@ -481,8 +497,9 @@ def section_b(cfg: dict, cache: dict) -> dict:
         ["problem", "method", "tol", "err jaxode", "err diffrax", "err j/d", "NFE j",
          "NFE d", "us j", "us d", "time j/d"],
         printed,
-        "y_ref: scipy DOP853 at rtol = atol = 1e-13. time: median per solve, jitted, "
-        "tolerances passed as traced scalars (one compile per problem and method)."))
+"y_ref: scipy DOP853 at rtol = atol = 1e-13. us: median per solve, jitted, tolerances "
+        "passed as traced scalars\n(one compile per problem and method); time j/d: median "
+        "over rounds of the paired ratio."))
 
     summary, targets = [], []
     for method in METHODS_B:
@@ -585,8 +602,17 @@ def _meta(args) -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "HEAD"),
+        "jaxode_dirty": bool(git("status", "--porcelain", "jaxode")),
         "sections": sorted(args.section), "quick": args.quick, "versions": versions,
         "python": platform.python_version(), "machine": platform.platform(),
         "cpu_count": os.cpu_count(), "config": config(args.quick),
