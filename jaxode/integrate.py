@@ -106,7 +106,6 @@ class _Carry(NamedTuple):
     zs: jax.Array
     num_steps: jax.Array
     num_accepted: jax.Array
-    nfe: jax.Array
     status: jax.Array
     history: DenseHistory | None
 
@@ -121,7 +120,7 @@ class StepRecord(NamedTuple):
 
 
 class Stepper(NamedTuple):
-    init: Callable  # (z0, dt0 or None) -> carry
+    init: Callable  # (z0, dt0) -> carry
     step: Callable  # carry -> (carry, StepRecord)
     unfinished: Callable  # carry -> bool
     finish: Callable  # carry -> FlatSolution
@@ -140,7 +139,9 @@ def solve_flat(f: Callable, z0, taus, *, differentiable: bool = False, **options
     gradient of the discrete solve with its steps fixed.
     """
     dt0 = options.pop("dt0")
-    stepper = make_stepper(f, z0, taus, differentiable=differentiable, **options)
+    stepper = make_stepper(
+        f, z0, taus, differentiable=differentiable, automatic_first_step=dt0 is None, **options
+    )
     step = lambda c: stepper.step(c)[0]
     if differentiable:
         final = eqxi.while_loop(
@@ -165,12 +166,8 @@ def solve_flat(f: Callable, z0, taus, *, differentiable: bool = False, **options
             )
             return kept._replace(zs=new.zs, history=new.history)
 
-        final = eqxi.while_loop(
-            lambda c: eqxi.unvmap_any(stepper.unfinished(c)),
-            masked_step,
-            stepper.init(z0, dt0),
-            buffers=lambda c: (c.zs, c.history),
-            kind="lax",
+        final = lax.while_loop(
+            lambda c: eqxi.unvmap_any(stepper.unfinished(c)), masked_step, stepper.init(z0, dt0)
         )
     return stepper.finish(final)
 
@@ -188,12 +185,13 @@ def make_stepper(
     dense: bool,
     error_components: int | None = None,
     differentiable: bool = False,
+    automatic_first_step: bool = False,
 ) -> Stepper:
     """The pieces of the solve of dz/dτ = f(τ, z) (see `solve_flat`), for loops that
     drive them: `solve_flat`, and the lane-batched backward pass of the adjoint.
 
-    `z0` gives the state's shape and dtype; `init(z0, dt0)` starts a solve from it, with
-    first step dt0, or None to choose it (Hairer's algorithm).
+    `z0` gives the state's shape and dtype; `init(z0, dt0)` starts a solve from it with
+    first step dt0, or with one chosen by Hairer's algorithm if `automatic_first_step`.
     `error_components`: only z[:error_components] enters the error norm (a seminorm).
     """
     dtype = z0.dtype
@@ -207,11 +205,9 @@ def make_stepper(
     def init(z0, dt0) -> _Carry:
         status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
         f0 = f(t0, z0)
-        nfe = 1
-        if dt0 is None:
+        if automatic_first_step:
             dt = initial_step(f, t0, z0, f0, tableau.order, rtol, atol, error_components)
             dt = lax.stop_gradient(dt)
-            nfe += 1
         else:
             dt = jnp.asarray(dt0, dtype)
         # A non-finite start would otherwise spin through max_steps rejected steps.
@@ -237,7 +233,6 @@ def make_stepper(
             zs=zs,
             num_steps=jnp.zeros((), int_),
             num_accepted=jnp.zeros((), int_),
-            nfe=jnp.asarray(nfe, int_),
             status=jnp.asarray(status, int_),
             history=history,
         )
@@ -265,12 +260,8 @@ def make_stepper(
 
         # Most steps pass at most SAVE_CHUNK outputs: one chunk without a loop, then a
         # loop (entered only while some lane still has outputs in this step).
-        next_output, zs = eqxi.while_loop(
-            lambda state: eqxi.unvmap_any(pending(state)),
-            fill,
-            fill((next_output, zs)),
-            buffers=lambda state: state[1],
-            kind="lax",
+        next_output, zs = lax.while_loop(
+            lambda state: eqxi.unvmap_any(pending(state)), fill, (next_output, zs)
         )
         return zs, next_output
 
@@ -357,7 +348,6 @@ def make_stepper(
             zs=zs,
             num_steps=num_steps,
             num_accepted=c.num_accepted + accept.astype(int_),
-            nfe=c.nfe + tableau.num_stages,
             status=status.astype(int_),
             history=history,
         ), record
@@ -365,10 +355,13 @@ def make_stepper(
     def unfinished(c: _Carry):
         return (c.t < t_end) & (c.status == SUCCESS)
 
+    initial_calls = 2 if automatic_first_step else 1
+
     def finish(c: _Carry) -> FlatSolution:
         return FlatSolution(
             zs=c.zs,
-            nfe=c.nfe,
+            # f(z0), the initial-step probe when there was one, and s calls per attempt.
+            nfe=initial_calls + tableau.num_stages * c.num_steps,
             num_steps=c.num_steps,
             num_accepted=c.num_accepted,
             num_rejected=c.num_steps - c.num_accepted,
