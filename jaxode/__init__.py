@@ -1,6 +1,7 @@
 """jaxode: Neural Ordinary Differential Equations in JAX."""
 
-from .api import Solution, odeint, solve
+from . import nn  # noqa: F401  (the models: jaxode.nn)
+from .api import Solution, adjoint_nfe, odeint, solve
 from .control import PIController
 from .integrate import STATUS_MESSAGES
 from .solvers import (
@@ -21,7 +22,7 @@ from .solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "odeint", "solve", "Solution", "PIController", "STATUS_MESSAGES", "Solver",
+    "odeint", "solve", "adjoint_nfe", "Solution", "PIController", "STATUS_MESSAGES", "Solver",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4",
     "HeunEuler", "Fehlberg2", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
 ]

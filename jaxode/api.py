@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -81,7 +81,7 @@ def _describe(tree):
 
 def _check_vector_field(f, z0, t0, params):
     try:
-        out = jax.eval_shape(f, z0, t0, params)
+        out = eqx.filter_eval_shape(f, z0, t0, params)
     except TypeError as error:
         if not callable(f):
             raise TypeError(f"f: expected a callable f(z, t, params), got {f!r}") from error
@@ -100,34 +100,25 @@ def _check_vector_field(f, z0, t0, params):
         )
 
 
-def solve(
-    f: Callable,
-    z0,
-    ts,
-    params=None,
-    *,
-    solver="dopri5",
-    rtol=1e-6,
-    atol=1e-8,
-    dt0=None,
-    max_steps: int = 4096,
-    adjoint: str = "backsolve",
-    controller: PIController | None = None,
-    throw: bool = True,
-    dense: bool = True,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_solver=None,
-    seminorm: bool = True,
-    batch_axis: int | None = None,
-) -> Solution:
-    """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
+class _Problem(NamedTuple):
+    """A solve's arguments checked and flattened."""
 
-    See `odeint` for the arguments. `dense=True` keeps every step for
-    `Solution.evaluate` (memory: max_steps x (stages + 2) x state size). `throw=False`
-    returns failures in `Solution.status` instead of raising. With `batch_axis`,
-    `stats` and `status` have one entry per sample.
-    """
+    f_flat: Callable  # (z_flat, t, params) -> dz_flat
+    z0_flat: jax.Array  # (n,), or (samples, n) with batch_axis
+    ts: jax.Array
+    ts_state: jax.Array  # ts in the state's dtype
+    params: Any  # the arrays of params
+    options: adjoint_lib.Options
+    tols: adjoint_lib.Tolerances
+    unravel: Callable
+    direction: jax.Array
+    tableau: Tableau
+
+
+def _setup(
+    f, z0, ts, params, *, solver, rtol, atol, dt0, max_steps, adjoint, controller, dense,
+    adjoint_rtol, adjoint_atol, adjoint_solver, seminorm, batch_axis,
+) -> _Problem:
     tableau = resolve_solver(solver)
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint: expected one of {ADJOINTS}, got {adjoint!r}")
@@ -164,8 +155,13 @@ def solve(
     z0_flat = ravel(z0) if batch_axis is None else jax.vmap(ravel)(z0)
     direction = jnp.where(ts_state[-1] >= ts_state[0], 1, -1).astype(dtype)
 
+    # Arrays of params travel through the solve (and get gradients); anything else in
+    # it (an Equinox module's activation functions, say) is closed over as a constant.
+    params_static = eqx.partition(params, eqx.is_array)[1]
+    params = eqx.filter(params, eqx.is_array)
+
     def f_flat(z_flat, t, params):
-        return ravel_pytree(f(unravel(z_flat), t, params))[0]
+        return ravel_pytree(f(unravel(z_flat), t, eqx.combine(params, params_static)))[0]
 
     options = adjoint_lib.Options(
         tableau=tableau,
@@ -184,6 +180,55 @@ def solve(
         adjoint_atol=atol if adjoint_atol is None else jnp.asarray(adjoint_atol, dtype),
         dt0=jnp.abs(jnp.asarray(0.0 if dt0 is None else dt0, dtype)),
     )
+    return _Problem(
+        f_flat=f_flat,
+        z0_flat=z0_flat,
+        ts=ts,
+        ts_state=ts_state,
+        params=params,
+        options=options,
+        tols=tols,
+        unravel=unravel,
+        direction=direction,
+        tableau=tableau,
+    )
+
+
+def solve(
+    f: Callable,
+    z0,
+    ts,
+    params=None,
+    *,
+    solver="dopri5",
+    rtol=1e-6,
+    atol=1e-8,
+    dt0=None,
+    max_steps: int = 4096,
+    adjoint: str = "backsolve",
+    controller: PIController | None = None,
+    throw: bool = True,
+    dense: bool = True,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_solver=None,
+    seminorm: bool = True,
+    batch_axis: int | None = None,
+) -> Solution:
+    """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
+
+    See `odeint` for the arguments. `dense=True` keeps every step for
+    `Solution.evaluate` (memory: max_steps x (stages + 2) x state size). `throw=False`
+    returns failures in `Solution.status` instead of raising. With `batch_axis`,
+    `stats` and `status` have one entry per sample.
+    """
+    problem = _setup(
+        f, z0, ts, params, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
+        max_steps=max_steps, adjoint=adjoint, controller=controller, dense=dense,
+        adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_solver=adjoint_solver,
+        seminorm=seminorm, batch_axis=batch_axis,
+    )
+    f_flat, z0_flat, ts, ts_state, params, options, tols, unravel, direction, tableau = problem
     if adjoint == "backsolve":
         backsolve = (
             adjoint_lib.solve_backsolve if batch_axis is None else adjoint_lib.solve_backsolve_lanes
@@ -305,3 +350,60 @@ def odeint(
         batch_axis=batch_axis,
         dense=False,
     ).zs
+
+
+def adjoint_nfe(
+    f: Callable,
+    z0,
+    ts,
+    params=None,
+    *,
+    cotangent=None,
+    solver="dopri5",
+    rtol=1e-6,
+    atol=1e-8,
+    dt0=None,
+    max_steps: int = 4096,
+    controller: PIController | None = None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_solver=None,
+    seminorm: bool = True,
+    batch_axis: int | None = None,
+) -> dict:
+    """The function evaluations of one gradient by the adjoint method (Figure 3(c) of the
+    paper): {"forward": ..., "backward": ...}, per sample with batch_axis.
+
+    Runs the forward solve and the backward pass that `jax.grad` of `odeint(...,
+    adjoint="backsolve")` would run, for the loss whose gradient with respect to zs is
+    `cotangent` (zs's structure; default: all ones). The other arguments are odeint's.
+    """
+    problem = _setup(
+        f, z0, ts, params, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
+        max_steps=max_steps, adjoint="backsolve", controller=controller, dense=False,
+        adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_solver=adjoint_solver,
+        seminorm=seminorm, batch_axis=batch_axis,
+    )
+    single_z0 = problem.z0_flat if batch_axis is None else problem.z0_flat[0]
+    converted, consts = jax.closure_convert(
+        problem.f_flat, single_z0, problem.ts_state[0], problem.params
+    )
+    solve_flat = lambda z: adjoint_lib._directed_solve(
+        converted, problem.options, z, problem.ts_state, problem.params, tuple(consts),
+        problem.tols,
+    )
+    if batch_axis is None:
+        forward = solve_flat(problem.z0_flat)
+        backward_pass = adjoint_lib.backward_pass
+    else:
+        forward = jax.vmap(solve_flat)(problem.z0_flat)
+        backward_pass = adjoint_lib.backward_pass_lanes
+    if cotangent is None:
+        zs_cotangent = jnp.ones_like(forward.zs)
+    elif batch_axis is None:
+        zs_cotangent = jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)
+    else:
+        raise ValueError("cotangent: only the default (ones) is supported with batch_axis")
+    residuals = (forward.zs, problem.ts_state, problem.params, tuple(consts), problem.tols)
+    _, backward = backward_pass(converted, problem.options, residuals, zs_cotangent)
+    return {"forward": forward.nfe, "backward": backward}

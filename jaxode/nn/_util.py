@@ -1,0 +1,59 @@
+"""Small helpers shared by the models."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .. import api
+
+
+def count_params(model) -> int:
+    """The number of trainable scalars: the total size of the model's floating arrays.
+
+    Works on a model or on its shapes (`equinox.filter_eval_shape(Model, ..., key=key)`),
+    which counts a large model without initialising it."""
+
+    def is_float(x):
+        return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jnp.issubdtype(
+            x.dtype, jnp.inexact
+        )
+
+    leaves = jax.tree_util.tree_leaves(model)
+    return int(sum(math.prod(leaf.shape) for leaf in leaves if is_float(leaf)))
+
+
+def per_example(fn, x, example_ndim: int):
+    """Apply `fn` (written for one example of `example_ndim` dims) to `x`, which is one
+    example or a batch with one extra leading axis (vmapped)."""
+    if x.ndim == example_ndim:
+        return fn(x)
+    if x.ndim == example_ndim + 1:
+        return jax.vmap(fn)(x)
+    raise ValueError(
+        f"x: expected one example with {example_ndim} dims or a batch with "
+        f"{example_ndim + 1}, got shape {x.shape}"
+    )
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """Elementwise log N(x; mean, exp(log_std)^2)."""
+    return -0.5 * (((x - mean) * jnp.exp(-log_std)) ** 2) - log_std - 0.5 * math.log(2 * math.pi)
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def solve_module(field, z0, ts, module, **options):
+    """`jaxode.solve(field, z0, ts, module, ..., dense=False)` with only the module's arrays
+    passed as `params` (and its non-array leaves, e.g. the activation functions of
+    `equinox.nn.MLP`, closed over): `field(z, t, module)`. Returns the Solution."""
+    arrays, static = eqx.partition(module, eqx.is_array)
+    return api.solve(
+        lambda z, t, p: field(z, t, eqx.combine(p, static)), z0, ts, arrays, dense=False, **options
+    )
