@@ -269,7 +269,12 @@ def make_stepper(
         """As save_outputs, by evaluating the dense output at every output time: no inner
         loop to differentiate, O(len(ts)) work per step."""
         inside = accept & (taus > t) & (taus <= t_new)
-        values = jax.vmap(lambda tau: interpolate(tableau, z, dt, stages, (tau - t) / dt))(taus)
+        # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from
+        # 0/0 here would leak through the mask into the gradient.
+        safe_dt = jnp.where(dt == 0, 1, dt)
+        values = jax.vmap(
+            lambda tau: interpolate(tableau, z, dt, stages, (tau - t) / safe_dt)
+        )(taus)
         values = jnp.where((taus == t_new)[:, None], z_new, values)
         zs = jnp.where(inside[:, None], values, zs)
         return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
