@@ -24,7 +24,7 @@ test-all: lint
 	$(BIN)/pytest -q
 
 run: setup
-	$(BIN)/python -m experiments.demo
+	$(BIN)/jaxode run configs/odenet_digits_quick.yaml
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -1,0 +1,341 @@
+"""kinds: cnf_density_matching and cnf_ml — continuous normalizing flows (Section 4).
+
+cnf_density_matching (Figure 4): for each unnormalised target log p̃ (Rezende & Mohamed's
+U1..U4), a planar CNF of width M and a planar NF of depth K = M are fitted by
+minimising the reverse KL, E_q[log q(x) - log p̃(x)] (= KL(q||p) - log Z), with samples
+of the flow. The CNF reaches the lower loss in the paper.
+
+cnf_ml (Figures 5-6): maximum likelihood on 2-D data (two moons, two circles, ...),
+fresh samples every step; a CNF (width 64 in the paper) against a planar NF (64
+layers). The table has the test negative log-likelihood.
+
+Every (model, target/dataset) pair is its own model, all trained side by side on the
+same steps with their own optimizer states. `model.cnf` may be "cnf" (the paper's
+planar CNF) or "ffjord" (MLP field, Hutchinson trace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import data as datasets
+from .config import RunConfig
+from .odenet import cast
+from .parallel import to_numpy
+from .report import Report, plot_curves, pyplot, save_figure
+from .runner import Experiment
+
+
+@dataclass(kw_only=True)
+class FlowModels:
+    cnf: Literal["cnf", "ffjord"] = "cnf"
+    width: int = 32  # CNF hidden units M (planar field) ...
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # ... or FFJORD MLP sizes
+    hyper_hidden: int = 32
+    t0: float = 0.0
+    t1: float = 1.0
+    base_std: float = 1.0
+    trace: Literal["exact", "hutchinson"] = "exact"
+    nf_layers: int | None = None  # planar NF depth K; default K = width
+    baseline: bool = True  # train the planar NF baseline too
+
+    def check(self):
+        errors = {}
+        if self.width < 1:
+            errors["width"] = f"must be positive, got {self.width}"
+        if self.t1 == self.t0:
+            errors["t1"] = "must differ from t0"
+        if not self.base_std > 0:
+            errors["base_std"] = f"must be positive, got {self.base_std}"
+        return errors
+
+
+@dataclass(kw_only=True)
+class MatchingData:
+    targets: list[Literal["U1", "U2", "U3", "U4"]] = field(default_factory=lambda: ["U1"])
+    samples: int = 256  # Monte Carlo samples per step (train.batch_size is not used)
+    eval_samples: int = 4096
+
+    def check(self):
+        return {"targets": "list at least one target"} if not self.targets else {}
+
+
+@dataclass(kw_only=True)
+class MatchingConfig(RunConfig):
+    data: MatchingData = field(default_factory=MatchingData)
+    model: FlowModels = field(default_factory=FlowModels)
+
+
+@dataclass(kw_only=True)
+class MLData:
+    datasets: list[Literal["moons", "circles", "8gaussians", "pinwheel", "checkerboard"]] = (
+        field(default_factory=lambda: ["moons", "circles"])
+    )
+    test_samples: int = 2048
+
+    def check(self):
+        return {"datasets": "list at least one data set"} if not self.datasets else {}
+
+
+@dataclass(kw_only=True)
+class MLConfig(RunConfig):
+    data: MLData = field(default_factory=MLData)
+    model: FlowModels = field(default_factory=FlowModels)
+
+
+def build_flows(cfg, names: list[str], key) -> dict:
+    """{f"cnf_{name}": CNF or FFJORD, f"nf_{name}": PlanarFlow} for each name."""
+    from jaxode import nn
+
+    m, s = cfg.model, cfg.solver
+    models = {}
+    for name, k in zip(names, jax.random.split(key, len(names))):
+        k1, k2 = jax.random.split(k)
+        common = dict(dim=2, base_std=m.base_std, t0=m.t0, t1=m.t1, trace=m.trace,
+                      solver=s.method, rtol=s.rtol, atol=s.atol, adjoint=s.adjoint,
+                      max_steps=s.max_steps, key=k1)
+        if m.cnf == "cnf":
+            models[f"cnf_{name}"] = nn.CNF(width=m.width, hyper_hidden=m.hyper_hidden, **common)
+        else:
+            models[f"cnf_{name}"] = nn.FFJORD(hidden=tuple(m.hidden), **common)
+        if m.baseline:
+            models[f"nf_{name}"] = nn.PlanarFlow(dim=2, num_layers=m.nf_layers or m.width,
+                                                 base_std=m.base_std, key=k2)
+    return {k: cast(v, np.dtype(cfg.dtype)) for k, v in models.items()}
+
+
+def is_continuous(model) -> bool:
+    return hasattr(model, "solve")
+
+
+def sample_and_log_q(model, key, n: int, dtype):
+    """(x, log q(x), nfe) for n samples of a flow (nfe NaN for a discrete flow)."""
+    base_key, noise_key = jax.random.split(key)
+    z = model.base_std * jax.random.normal(base_key, (n, model.dim), dtype)
+    if is_continuous(model):
+        x, integral, stats = model.solve(z, model.t0, model.t1, key=noise_key)
+        return x, model.base_log_prob(z) - integral, jnp.mean(stats["nfe"]).astype(jnp.float32)
+    x, logdet = model.transform(z)
+    return x, model.base_log_prob(z) - logdet, jnp.asarray(jnp.nan, jnp.float32)
+
+
+def nll_and_nfe(model, x, key):
+    if is_continuous(model):
+        z, integral, stats = model.solve(x, model.t1, model.t0, key=key)
+        log_q = model.base_log_prob(z) + integral
+        return -jnp.mean(log_q), jnp.mean(stats["nfe"]).astype(jnp.float32)
+    return model.nll(x), jnp.asarray(jnp.nan, jnp.float32)
+
+
+def grid(lim: float, n: int):
+    xs = np.linspace(-lim, lim, n)
+    gx, gy = np.meshgrid(xs, xs)
+    return gx, gy, np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+class _FlowExperiment(Experiment):
+    progress_fields = ("loss", "nfe")
+    names: list[str]
+
+    def init_models(self, key):
+        return build_flows(self.cfg, self.names, key)
+
+    def _samples_jit(self):
+        if not hasattr(self, "_sampler"):
+            dtype = self.ctx.dtype
+
+            @eqx.filter_jit
+            def sampler(model, key, n):
+                return sample_and_log_q(model, key, n, dtype)[0]
+
+            self._sampler = sampler
+        return self._sampler
+
+    def _sample(self, model, n, seed=0):
+        key = self.ctx.parallel.replicate(jax.random.PRNGKey(seed))
+        return to_numpy(self._samples_jit()(model, key, n))
+
+
+class DensityMatching(_FlowExperiment):
+    Config = MatchingConfig
+    title = "Density matching: planar CNF against planar NF (Figure 4)"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.names = list(cfg.data.targets)
+        self.targets = {name: datasets.log_target(name) for name in self.names}
+        self._kl = eqx.filter_jit(self._kl_all)
+
+    def batch(self, step):
+        return {}  # the flows draw their own samples from the step's key
+
+    def _kl_one(self, model, target, key, n):
+        x, log_q, nfe = sample_and_log_q(model, key, n, self.ctx.dtype)
+        return jnp.mean(log_q - target(x)), nfe
+
+    def loss(self, models, batch, key):
+        total, metrics, nfes = 0.0, {}, []
+        keys = jax.random.split(key, len(models))
+        for (name, model), k in zip(sorted(models.items()), keys):
+            kl, nfe = self._kl_one(model, self.targets[name.split("_", 1)[1]], k,
+                                   self.cfg.data.samples)
+            total = total + kl
+            metrics[f"{name}/kl"] = kl
+            if is_continuous(model):
+                nfes.append(nfe)
+        if nfes:
+            metrics["nfe"] = jnp.mean(jnp.stack(nfes))
+        return total, metrics
+
+    def _kl_all(self, models, key):
+        keys = jax.random.split(key, len(models))
+        return {name: self._kl_one(model, self.targets[name.split("_", 1)[1]], k,
+                                   self.cfg.data.eval_samples)
+                for (name, model), k in zip(sorted(models.items()), keys)}
+
+    def evaluate(self, models, step):
+        key = self.ctx.parallel.replicate(jax.random.PRNGKey(10_000 + self.cfg.seed))
+        out = jax.tree_util.tree_map(to_numpy, self._kl(models, key))
+        metrics = {}
+        for name, (kl, nfe) in out.items():
+            metrics[f"{name}/kl"] = float(kl)
+            if np.isfinite(float(nfe)):
+                metrics[f"{name}/nfe"] = float(nfe)
+        return metrics
+
+    def report(self, models, log):
+        out = self.ctx.out_dir
+        final = log.split("eval")[-1]
+        m = self.cfg.model
+        rows = []
+        for target in self.names:
+            row = {"target": target,
+                   f"CNF (M={m.width}) loss": final[f"cnf_{target}/kl"],
+                   "CNF NFE": final.get(f"cnf_{target}/nfe", "-")}
+            if m.baseline:
+                row[f"NF (K={m.nf_layers or m.width}) loss"] = final[f"nf_{target}/kl"]
+            rows.append(row)
+        figures = [self._plot(models, out)]
+        curves = plot_curves(log.split("train"), [f"{n}/kl" for n in sorted(models)], out,
+                             "training.png", "E_q[log q - log p~] during training")
+        figures += [curves] if curves else []
+        notes = ["loss = E_q[log q(x) - log p~(x)] = KL(q||p) - log Z, estimated with "
+                 f"{self.cfg.data.eval_samples} samples; lower is better"]
+        return Report(self.title, rows, figures=figures, notes=notes)
+
+    def _plot(self, models, out):
+        plt = pyplot()
+        kinds = ["target", "cnf"] + (["nf"] if self.cfg.model.baseline else [])
+        fig, axes = plt.subplots(len(self.names), len(kinds),
+                                 figsize=(3 * len(kinds), 3 * len(self.names)), squeeze=False)
+        gx, gy, points = grid(4.0, 200)
+        for row, target in zip(axes, self.names):
+            density = np.exp(np.asarray(self.targets[target](jnp.asarray(points))))
+            row[0].pcolormesh(gx, gy, density.reshape(gx.shape), shading="auto")
+            row[0].set_title(f"{target}: target")
+            for ax, kind in zip(row[1:], kinds[1:]):
+                x = self._sample(models[f"{kind}_{target}"], 20_000)
+                ax.hist2d(x[:, 0], x[:, 1], bins=100, range=[[-4, 4], [-4, 4]])
+                ax.set_title(f"{target}: {kind.upper()} samples")
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+        fig.tight_layout()
+        return save_figure(fig, out, "densities.png")
+
+
+class MaxLikelihood(_FlowExperiment):
+    Config = MLConfig
+    title = "Maximum likelihood: CNF against planar NF on 2-D data (Figures 5-6)"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.names = list(cfg.data.datasets)
+        self.test = {name: datasets.sample_2d(name, cfg.data.test_samples,
+                                              [cfg.seed, 1, i]).astype(ctx.dtype)
+                     for i, name in enumerate(self.names)}
+        self._nll = eqx.filter_jit(self._nll_all)
+
+    def batch(self, step):
+        b = self.cfg.train.batch_size
+        return {name: datasets.sample_2d(name, b, [self.cfg.seed, 0, i, step])
+                .astype(self.ctx.dtype) for i, name in enumerate(self.names)}
+
+    def loss(self, models, batch, key):
+        total, metrics, nfes = 0.0, {}, []
+        keys = jax.random.split(key, len(models))
+        for (name, model), k in zip(sorted(models.items()), keys):
+            nll, nfe = nll_and_nfe(model, batch[name.split("_", 1)[1]], k)
+            total = total + nll
+            metrics[f"{name}/nll"] = nll
+            if is_continuous(model):
+                nfes.append(nfe)
+        if nfes:
+            metrics["nfe"] = jnp.mean(jnp.stack(nfes))
+        return total, metrics
+
+    def _nll_all(self, models, test, key):
+        keys = jax.random.split(key, len(models))
+        return {name: nll_and_nfe(model, test[name.split("_", 1)[1]], k)
+                for (name, model), k in zip(sorted(models.items()), keys)}
+
+    def evaluate(self, models, step):
+        test = self.ctx.parallel.replicate({k: jnp.asarray(v) for k, v in self.test.items()})
+        key = self.ctx.parallel.replicate(jax.random.PRNGKey(20_000 + self.cfg.seed))
+        out = jax.tree_util.tree_map(to_numpy, self._nll(models, test, key))
+        metrics = {}
+        for name, (nll, nfe) in out.items():
+            metrics[f"{name}/test_nll"] = float(nll)
+            if np.isfinite(float(nfe)):
+                metrics[f"{name}/nfe"] = float(nfe)
+        return metrics
+
+    def report(self, models, log):
+        out = self.ctx.out_dir
+        final = log.split("eval")[-1]
+        m = self.cfg.model
+        label = "CNF" if m.cnf == "cnf" else "FFJORD"
+        rows = []
+        for name in self.names:
+            row = {"data": name,
+                   f"{label} (width {m.width}) test NLL": final[f"cnf_{name}/test_nll"],
+                   f"{label} NFE": final.get(f"cnf_{name}/nfe", "-")}
+            if m.baseline:
+                row[f"planar NF (K={m.nf_layers or m.width}) test NLL"] = final[
+                    f"nf_{name}/test_nll"]
+            rows.append(row)
+        figures = [self._plot(models, out)]
+        curves = plot_curves(log.split("train"), [f"{n}/nll" for n in sorted(models)], out,
+                             "training.png", "training NLL")
+        figures += [curves] if curves else []
+        notes = [f"test NLL in nats per 2-D sample, {self.cfg.data.test_samples} held-out "
+                 "samples; lower is better"]
+        return Report(self.title, rows, figures=figures, notes=notes)
+
+    def _plot(self, models, out):
+        plt = pyplot()
+        kinds = ["data", "cnf"] + (["nf"] if self.cfg.model.baseline else [])
+        fig, axes = plt.subplots(len(self.names), len(kinds),
+                                 figsize=(3 * len(kinds), 3 * len(self.names)), squeeze=False)
+        for row, name in zip(axes, self.names):
+            lim = float(np.abs(self.test[name]).max()) * 1.1
+            rng = [[-lim, lim], [-lim, lim]]
+            row[0].hist2d(self.test[name][:, 0], self.test[name][:, 1], bins=80, range=rng)
+            row[0].set_title(f"{name}: data")
+            for ax, kind in zip(row[1:], kinds[1:]):
+                x = self._sample(models[f"{kind}_{name}"], 20_000)
+                ax.hist2d(x[:, 0], x[:, 1], bins=80, range=rng)
+                ax.set_title(f"{name}: {kind.upper()} samples")
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+        fig.tight_layout()
+        return save_figure(fig, out, "samples.png")

@@ -1,0 +1,242 @@
+"""Outputs of a run: the metrics log (JSON lines), progress display, tables, figures,
+summary.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from .checkpoint import write_text
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step or evaluation.
+
+    Each record has "step" and "split" ("train" or "eval"). Opening an existing log
+    for a resumed run drops the records after the checkpoint's step (they belong to
+    steps that will be run again), and `write` skips a (split, step) already present,
+    so the file continues without duplicates.
+    """
+
+    def __init__(self, path: str, resume_step: int | None, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self.records: list[dict] = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line torn by a hard kill
+                    if record.get("step", 0) <= resume_step:
+                        self.records.append(record)
+        if enabled:
+            write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._seen = {(r.get("split"), r.get("step")) for r in self.records}
+
+    def write(self, record: dict) -> bool:
+        key = (record.get("split"), record.get("step"))
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        record = {k: _jsonable(v) for k, v in record.items()}
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        return True
+
+    def split(self, name: str) -> list[dict]:
+        return [r for r in self.records if r.get("split") == name]
+
+
+def _jsonable(value):
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return ""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+class Report:
+    """What an experiment hands back at the end: a title, a result table (rows of
+    column -> value), figure files (relative to the run directory) and notes."""
+
+    def __init__(self, title: str, rows: list[dict], columns: list[str] | None = None,
+                 figures: list[str] | None = None, notes: list[str] | None = None):
+        self.title = title
+        self.rows = rows
+        self.columns = columns
+        self.figures = figures or []
+        self.notes = notes or []
+
+    def table(self) -> str:
+        return markdown_table(self.rows, self.columns)
+
+    def markdown(self, header: dict) -> str:
+        parts = [f"# {self.title}", ""]
+        parts += [f"- {k}: {v}" for k, v in header.items()]
+        parts += ["", "## Results", "", self.table(), ""]
+        if self.notes:
+            parts += [f"- {note}" for note in self.notes] + [""]
+        if self.figures:
+            parts += ["## Figures", ""]
+            parts += [f"![{os.path.splitext(f)[0]}]({f})" for f in self.figures] + [""]
+        return "\n".join(parts)
+
+    def write(self, out_dir: str, header: dict) -> str:
+        path = os.path.join(out_dir, "summary.md")
+        write_text(path, self.markdown(header))
+        return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out_dir: str, name: str) -> str:
+    """Save `fig` as out_dir/name (PNG), close it, return `name`."""
+    plt = pyplot()
+    fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def plot_curves(records: list[dict], keys: list[str], out_dir: str, name: str,
+                title: str = "", logy: bool = False) -> str | None:
+    """One panel per key: value against step, from metrics records."""
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    if not keys:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30
+                else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        if logy and all(p[1] > 0 for p in points):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+class Progress:
+    """A rich progress bar (loss, NFE, speed) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, fields: tuple[str, ...], enabled: bool = True,
+                 stream=None):
+        self.total, self.fields = total, fields
+        self.stream = sys.stdout if stream is None else stream
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start_time, self.start_step = time.perf_counter(), initial
+        self._last = (self.start_time, initial)
+        self._bar = None
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("{task.fields[speed]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._task = self._bar.add_task("train", total=total, completed=initial, info="",
+                                            speed="")
+            self._bar.start()
+
+    def _speed(self, step: int) -> float:
+        """Steps per second since the last log line (the first includes compilation)."""
+        now = time.perf_counter()
+        (then, before), self._last = self._last, (now, step)
+        return (step - before) / (now - then) if now > then else 0.0
+
+    def _info(self, values: dict) -> str:
+        parts = []
+        for name in self.fields:
+            if name in values and values[name] is not None:
+                parts.append(f"{name} {format_value(float(values[name]))}")
+        return "  ".join(parts)
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            elapsed = time.perf_counter() - self.start_time
+            speed = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+            self._bar.update(self._task, completed=step, speed=f"{speed:.2f} it/s")
+
+    def log(self, step: int, values: dict) -> None:
+        """Show the latest logged metrics (a plain line when not on a terminal)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=self._info(values))
+        else:
+            speed = self._speed(step)
+            print(f"step {step}/{self.total}  {self._info(values)}  {speed:.2f} it/s",
+                  file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,411 @@
+"""The training loop every experiment shares: outputs, checkpoints, resume, progress,
+Ctrl-C, data parallelism.
+
+An experiment (one module per `kind:`) subclasses `Experiment` and supplies the data,
+the models, the loss, the evaluation and the report; `run` does the rest:
+
+    runs/<name>/config.yaml      the resolved config
+    runs/<name>/metrics.jsonl    one JSON object per logged step ("train") or evaluation
+    runs/<name>/checkpoint.json  + checkpoint-<step>.eqx: the latest checkpoint (atomic)
+    runs/<name>/*.png            figures
+    runs/<name>/summary.md       the result table
+
+Determinism: the batch for step s is a function of (seed, s) and the step's PRNG key is
+fold_in(train_key, s), so a run resumed from a checkpoint at step s continues exactly
+as if it had never stopped. Several models in one experiment (e.g. ODE-Net and its
+baselines) are trained side by side, each with its own optimizer state, on the same
+batches; their losses are summed, which leaves each model's gradient its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from . import checkpoint
+from .config import ConfigError, RunConfig, differences, dump_yaml, to_dict
+from .parallel import DataParallel, initialize_distributed, to_numpy
+from .report import MetricsLog, Progress, Report
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = (
+    "name", "description", "out_dir", "train.steps", "train.stop_after", "train.log_every",
+    "train.eval_every", "train.checkpoint_every", "train.eval_batch_size", "distributed",
+    "devices",
+)
+
+
+@dataclasses.dataclass
+class Context:
+    """What an experiment gets from the runner."""
+
+    cfg: Any
+    out_dir: str
+    config_file: str | None
+    parallel: DataParallel
+    dtype: Any  # numpy dtype of the run's floating data
+
+    @property
+    def is_main(self) -> bool:
+        return self.parallel.is_main
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError naming `key` in this run's config file."""
+        return ConfigError(self.config_file, key, message)
+
+    def map_batches(self, fn, arrays: tuple, batch_size: int):
+        """fn over `arrays` (leading axes equal) in batches of `batch_size` (rounded to a
+        multiple of the device count, the last one padded), sharded like training
+        batches; returns fn's outputs as numpy arrays concatenated along axis 0."""
+        n = len(arrays[0])
+        size = self.parallel.size
+        batch_size = max(size, batch_size - batch_size % size)
+        outputs = []
+        for start in range(0, n, batch_size):
+            chunk = [np.asarray(a[start : start + batch_size]) for a in arrays]
+            real = len(chunk[0])
+            pad = (-real) % size
+            if pad:
+                chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
+            out = fn(*self.parallel.shard_batch(tuple(chunk)))
+            outputs.append(jax.tree_util.tree_map(lambda x: to_numpy(x)[:real], out))
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outputs)
+
+
+class Experiment:
+    """Base class of an experiment kind. Subclasses set `Config` (a RunConfig
+    dataclass: the schema of their YAML) and implement the methods below."""
+
+    Config: type = RunConfig
+    title: str = "experiment"
+    progress_fields: tuple[str, ...] = ("loss", "nfe")
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+
+    def init_models(self, key) -> dict[str, eqx.Module]:
+        """{name: model}: the models to train (their inexact arrays are the params)."""
+        raise NotImplementedError
+
+    def batch(self, step: int) -> dict:
+        """The training batch for `step` (numpy arrays, leading axis = batch), a
+        deterministic function of the seed and the step."""
+        raise NotImplementedError
+
+    def loss(self, models: dict, batch: dict, key) -> tuple[jax.Array, dict]:
+        """(scalar loss to minimise, {metric: scalar}) for one batch; traced by jit."""
+        raise NotImplementedError
+
+    def evaluate(self, models: dict, step: int) -> dict:
+        """{metric: float} on held-out data."""
+        return {}
+
+    def report(self, models: dict, log: MetricsLog) -> Report:
+        """The result table and figures (written into self.ctx.out_dir)."""
+        return Report(self.title, [log.split("eval")[-1]] if log.split("eval") else [])
+
+
+def make_optimizer(cfg, total_steps: int):
+    """(optax transformation, learning-rate schedule) from an OptimConfig."""
+    if cfg.schedule == "constant":
+        schedule = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "piecewise":
+        schedule = optax.piecewise_constant_schedule(
+            cfg.lr, {int(m): cfg.decay for m in cfg.milestones}
+        )
+    else:
+        schedule = optax.cosine_decay_schedule(cfg.lr, max(1, total_steps - cfg.warmup_steps))
+    if cfg.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), schedule], [cfg.warmup_steps]
+        )
+    if cfg.name == "adam":
+        tx = optax.adam(schedule)
+    elif cfg.name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    elif cfg.name == "rmsprop":
+        tx = optax.rmsprop(schedule)
+    else:
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None)
+    if cfg.weight_decay and cfg.name != "adamw":
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    if cfg.grad_clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx, schedule
+
+
+def params_of(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+def make_train_step(experiment: Experiment, tx, parallel: DataParallel):
+    """jit(step): (models, opt_states, batch, key) -> (models, opt_states, loss, metrics)."""
+
+    @eqx.filter_jit
+    def train_step(models, opt_states, batch, key):
+        (loss, metrics), grads = eqx.filter_value_and_grad(experiment.loss, has_aux=True)(
+            models, batch, key
+        )
+        new_models, new_states = {}, {}
+        for name, model in models.items():
+            updates, new_states[name] = tx.update(grads[name], opt_states[name], params_of(model))
+            new_models[name] = eqx.apply_updates(model, updates)
+        new_models, new_states = parallel.constrain_replicated((new_models, new_states))
+        return new_models, new_states, loss, metrics
+
+    return train_step
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "complete", "stopped" (train.stop_after) or "interrupted" (Ctrl-C)
+    step: int
+    out_dir: str
+    report: Report | None = None
+    summary_path: str | None = None
+
+
+class _StopFlag:
+    """First SIGINT: finish the current step, checkpoint, stop. Second: KeyboardInterrupt."""
+
+    def __init__(self, bar=None):
+        self.requested = False
+        self._previous = None
+        self._bar = bar
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._bar is not None:
+            self._bar.message("stopping after this step (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def resolve_out_dir(cfg, out_dir: str | None) -> str:
+    return out_dir or cfg.out_dir or os.path.join("runs", cfg.name)
+
+
+def run(experiment_cls, cfg, *, config_file: str | None = None, out_dir: str | None = None,
+        stream=None, progress: bool = True) -> RunResult:
+    """Train and evaluate one experiment, resuming from out_dir's checkpoint if any."""
+    stream = sys.stdout if stream is None else stream
+    initialize_distributed(cfg.distributed)
+    previous_x64 = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    try:
+        return _run(experiment_cls, cfg, config_file, resolve_out_dir(cfg, out_dir), stream,
+                    progress)
+    finally:
+        jax.config.update("jax_enable_x64", previous_x64)
+
+
+def _check_resumable(cfg, out_dir: str, config_file: str | None) -> None:
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = yaml.safe_load(f) or {}
+    changed = [
+        key for key in differences(old, to_dict(cfg))
+        if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise ConfigError(
+            config_file, changed[0],
+            f"differs from the run being resumed in {out_dir} (changed: {', '.join(changed)}); "
+            "use --out DIR for a new run or delete that directory",
+        )
+
+
+def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress) -> RunResult:
+    devices = jax.devices()
+    if cfg.devices is not None:
+        if cfg.devices > len(devices):
+            raise ConfigError(config_file, "devices",
+                              f"{cfg.devices} requested but only {len(devices)} available")
+        devices = devices[: cfg.devices]
+    parallel = DataParallel(devices)
+    main = parallel.is_main
+    say = (lambda text: print(text, file=stream, flush=True)) if main else (lambda text: None)
+    if cfg.train.batch_size % parallel.size:
+        raise ConfigError(
+            config_file, "train.batch_size",
+            f"{cfg.train.batch_size} is not a multiple of the {parallel.size} devices",
+        )
+    meta = checkpoint.read_meta(out_dir)
+    if meta is not None:
+        _check_resumable(cfg, out_dir, config_file)
+    ctx = Context(cfg=cfg, out_dir=out_dir, config_file=config_file, parallel=parallel,
+                  dtype=np.dtype(cfg.dtype))
+    key = jax.random.PRNGKey(cfg.seed)
+    init_key, train_key = jax.random.split(key)
+    warm_key = (experiment_cls, _signature(cfg), tuple(d.id for d in parallel.devices),
+                bool(jax.config.read("jax_enable_x64")))
+    if _WARM and _WARM[0] == warm_key:
+        # The same experiment as the last run in this process: reuse its data and its
+        # compiled functions (an experiment is a pure function of its config).
+        experiment, tx, schedule, train_step = _WARM[1:]
+        experiment.cfg, experiment.ctx = cfg, ctx
+    else:
+        _WARM.clear()
+        experiment = experiment_cls(cfg, ctx)  # loads the data: config errors surface here
+        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        train_step = make_train_step(experiment, tx, parallel)
+        _WARM.extend([warm_key, experiment, tx, schedule, train_step])
+    models = experiment.init_models(init_key)
+    opt_states = {name: tx.init(params_of(m)) for name, m in models.items()}
+
+    step, train_time, pending = 0, 0.0, []
+    if meta is not None:
+        (models, opt_states), meta = checkpoint.load(out_dir, (models, opt_states))
+        step, train_time = int(meta["step"]), float(meta.get("train_time", 0.0))
+        pending = list(meta.get("pending", []))
+        if meta.get("rng") is not None and meta["rng"] != _key_list(train_key):
+            raise ConfigError(config_file, "seed", f"does not match the checkpoint in {out_dir}")
+        say(f"resuming {cfg.name} from step {step} ({out_dir})")
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoint.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step if meta else None, enabled=main)
+
+    models, opt_states = parallel.replicate((models, opt_states))
+    total = cfg.train.steps
+    target = total if cfg.train.stop_after is None else min(total, step + cfg.train.stop_after)
+
+    unlogged = []  # device values of the steps since the last log line
+
+    def save():
+        pending.extend(_to_floats(unlogged))
+        unlogged.clear()
+        if main:
+            checkpoint.save(out_dir, step, (models, opt_states), {
+                "rng": _key_list(train_key), "seed": cfg.seed, "train_time": train_time,
+                "pending": pending, "kind": cfg.kind, "total_steps": total,
+                "devices": parallel.size, "jax": jax.__version__,
+            })
+
+    def flush_log():
+        pending.extend(_to_floats(unlogged))
+        unlogged.clear()
+        record = {"step": step, "split": "train"}
+        for name in pending[0] if pending else ():
+            record[name] = float(np.mean([p[name] for p in pending]))
+        record["lr"] = float(schedule(step - 1))
+        record["train_time"] = round(train_time, 3)
+        pending.clear()
+        log.write(record)
+        return record
+
+    status = "complete"
+    bar = Progress(total, step, experiment.progress_fields, enabled=show_progress and main,
+                   stream=stream)
+    try:
+        with _StopFlag(bar) as stop:
+            clock = time.perf_counter()
+            while step < target:
+                batch = parallel.shard_batch(experiment.batch(step))
+                key = jax.random.fold_in(train_key, step)
+                models, opt_states, loss, metrics = train_step(models, opt_states, batch, key)
+                unlogged.append({"loss": loss, **metrics})
+                step += 1
+                now = time.perf_counter()
+                train_time, clock = train_time + (now - clock), now
+                if step % cfg.train.log_every == 0 or step == total:
+                    bar.log(step, flush_log())
+                bar.advance(step)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                    log.write({"step": step, "split": "eval",
+                               **_floats(experiment.evaluate(models, step))})
+                if step % cfg.train.checkpoint_every == 0 or step == target or stop.requested:
+                    save()
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                clock = time.perf_counter()  # evaluation and saving are not training time
+    except KeyboardInterrupt:
+        status = "interrupted"
+        save()
+    finally:
+        bar.close()
+
+    if status == "interrupted":
+        say(f"interrupted at step {step}/{total}; checkpoint saved in {out_dir}; "
+            "run the same command again to resume")
+        return RunResult("interrupted", step, out_dir)
+    if step < total:
+        say(f"stopped after step {step}/{total} (train.stop_after); checkpoint saved in "
+            f"{out_dir}; run the same command again to resume")
+        return RunResult("stopped", step, out_dir)
+
+    if not any(r.get("step") == step for r in log.split("eval")):
+        log.write({"step": step, "split": "eval", **_floats(experiment.evaluate(models, step))})
+    if not main:  # every process runs the report's computations; only process 0 keeps files
+        import tempfile
+
+        experiment.ctx = dataclasses.replace(ctx, out_dir=tempfile.mkdtemp(prefix="jaxode-"))
+    report = experiment.report(models, log)
+    summary = None
+    if main:
+        header = {"config": config_file or "-", "kind": cfg.kind, "steps": step,
+                  "seed": cfg.seed, "devices": parallel.size,
+                  "train time (s)": round(train_time, 1), "outputs": out_dir}
+        summary = report.write(out_dir, header)
+        say(f"\n{report.title} ({cfg.name}, {step} steps, {train_time:.1f} s training)\n")
+        say(report.table())
+        say(f"\nsummary: {summary}")
+    return RunResult("complete", step, out_dir, report if main else None, summary)
+
+
+# Keys that do not change what the experiment computes (only how long and how often).
+_NOT_COMPUTATION = ("name", "description", "out_dir", "train.stop_after", "train.log_every",
+                    "train.eval_every", "train.checkpoint_every", "distributed")
+_WARM: list = []  # [key, experiment, tx, schedule, train_step] of the last run
+
+
+def _signature(cfg) -> str:
+    data = to_dict(cfg)
+    for key in _NOT_COMPUTATION:
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def _key_list(key) -> list[int]:
+    return [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
+
+
+def _to_floats(values: list[dict]) -> list[dict]:
+    host = jax.device_get(values)
+    return [{k: float(np.mean(v)) for k, v in d.items()} for d in host]
+
+
+def _floats(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float, np.number, jnp.ndarray)) else v)
+            for k, v in metrics.items()}
