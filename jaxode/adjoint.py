@@ -94,6 +94,19 @@ def _split_differentiable(tree):
     return eqx.partition(tree, _is_differentiable)
 
 
+def _parameter_view(ff, params, consts, dtype):
+    """θ, the differentiable part of (params, consts): as a pytree, as a flat vector of
+    the state's dtype with its unravel, and the vector field as a function of it."""
+    differentiable, static = _split_differentiable((params, consts))
+    theta0, unravel_theta = ravel_pytree(differentiable)
+
+    def field(z, t, diff):
+        p, c = eqx.combine(diff, static)
+        return ff(z, t, p, *c)
+
+    return differentiable, theta0.astype(dtype), unravel_theta, field
+
+
 def _theta_cotangent(differentiable_bar, params, consts):
     """Cotangents of (params, consts) from those of their differentiable part."""
     return jax.tree_util.tree_map(
@@ -125,13 +138,7 @@ def backward_pass(ff, options: Options, residuals, zs_cotangent):
     num_outputs = ts.shape[0]
     g = zs_cotangent.astype(dtype)
 
-    differentiable, static = _split_differentiable((params, consts))
-    theta0, unravel_theta = ravel_pytree(differentiable)
-    theta0 = theta0.astype(dtype)
-
-    def field(z, t, diff):
-        p, c = eqx.combine(diff, static)
-        return ff(z, t, p, *c)
+    differentiable, theta0, unravel_theta, field = _parameter_view(ff, params, consts, dtype)
 
     def augmented(y, t, params_, *consts_):
         """d/dt (z, a, a_θ) = (f, -aᵀ∂f/∂z, -aᵀ∂f/∂θ): one vjp of f per call."""
@@ -278,13 +285,7 @@ def backward_pass_lanes(ff, options: Options, residuals, zs_cotangent):
     g = zs_cotangent.astype(dtype)
     tableau = options.backward_tableau
 
-    differentiable, static = _split_differentiable((params, consts))
-    theta0, unravel_theta = ravel_pytree(differentiable)
-    theta0 = theta0.astype(dtype)
-
-    def field(z, t, diff):
-        p, c = eqx.combine(diff, static)
-        return ff(z, t, p, *c)
+    differentiable, theta0, unravel_theta, field = _parameter_view(ff, params, consts, dtype)
 
     back_direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(dtype)
 
