@@ -29,6 +29,8 @@ run: setup
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.solve
+	$(BIN)/python -m benchmarks.gradients
+	$(BIN)/python -m benchmarks.models
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
