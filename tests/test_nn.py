@@ -374,3 +374,19 @@ def test_models_are_exported():
                  "RNNBaseline", "CNF", "PlanarFlow", "FFJORD", "count_params"]:
         assert name in nn.__all__
         assert getattr(nn, name).__doc__
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_shifted_conv_equals_the_convolution_and_its_gradient(padding):
+    """The loop-friendly convolution of the ODE function is the same map as
+    equinox's Conv2d, values and vector-Jacobian products alike."""
+    from jaxode.nn.odenet import shifted_conv
+
+    conv = eqx.nn.Conv2d(5, 4, 3, padding=padding, key=jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 6))
+    np.testing.assert_allclose(shifted_conv(conv, x), conv(x), rtol=1e-10, atol=1e-12)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), conv(x).shape)
+    grad = lambda apply: jax.vjp(lambda c, x_: apply(c, x_), conv, x)[1](cotangent)
+    for a, b in zip(jax.tree_util.tree_leaves(grad(shifted_conv)),
+                    jax.tree_util.tree_leaves(grad(lambda c, x_: c(x_)))):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
