@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -50,10 +49,6 @@ def check_choice(name: str, value, choices):
 
 
 def solve_module(field, z0, ts, module, **options):
-    """`jaxode.solve(field, z0, ts, module, ..., dense=False)` with only the module's arrays
-    passed as `params` (and its non-array leaves, e.g. the activation functions of
-    `equinox.nn.MLP`, closed over): `field(z, t, module)`. Returns the Solution."""
-    arrays, static = eqx.partition(module, eqx.is_array)
-    return api.solve(
-        lambda z, t, p: field(z, t, eqx.combine(p, static)), z0, ts, arrays, dense=False, **options
-    )
+    """`jaxode.solve(field, z0, ts, module, ..., dense=False)`: `field(z, t, module)`, the
+    module's arrays differentiated and its other leaves closed over. Returns the Solution."""
+    return api.solve(field, z0, ts, module, dense=False, **options)
