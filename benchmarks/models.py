@@ -25,10 +25,15 @@ cross-check: same weights, so the same loss within the solver tolerance).
 Latent ODE (the paper's Section 5 model): `jaxode.nn.LatentODE` (GRU encoder, latent dim 4,
 dynamics MLP 4-20-4 ELU), batch of 64 noisy 2-D spirals with 30 shared irregular
 observation times, the negative mean ELBO (one posterior sample per sequence, jax.vmap
-over the batch), float32 with dopri5 rtol = atol = 1e-5 (the paper's 1.5e-8 would need
-float64). Peers: the same model class with its latent solve done by diffrax
+over the batch), twice: float32 with dopri5 rtol = atol = 1e-5, and float64 (in a child
+process) at the paper's 1.5e-8. Peers: the same model class with its latent solve done by diffrax
 (`_diffrax_latent_class`: identical modules and weights), BacksolveAdjoint and
 RecursiveCheckpointAdjoint. Same columns as above.
+
+NFE fwd/bwd: right-hand-side evaluations of the loss and of its gradient (minus the
+forward ones), counted by a host callback in an untimed run; per sequence for the
+latent ODE (vmapped solves also evaluate finished lanes until the batch's slowest
+ends, and those are counted).
 
 --quick: 3 rounds instead of 11 (about 2 minutes); --no-torch, --no-latent leave parts out.
 Tables to stdout, everything to bench_results/models.json (--out to change).
@@ -41,6 +46,9 @@ import datetime
 import json
 import math
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +85,56 @@ def two_moons(n: int, seed: int = 0) -> np.ndarray:
     return rng.permutation(x).astype(np.float32)
 
 
+# ================================================================ NFE counting
+
+# Set only during the untimed counting runs: every JAX system's ODE right-hand side
+# calls it through a host callback (under jax.vmap once per sample).
+_COUNTER: list | None = None
+
+
+def _tick(t):
+    import jax
+
+    if _COUNTER is not None:
+        jax.debug.callback(lambda _: _COUNTER.append(1), t)
+
+
+def _count_jaxode(module):
+    """Patch `module.solve_module` (jaxode.nn's solve entry) so its field ticks."""
+    original = module.solve_module
+
+    def counted(field, *args, **kwargs):
+        def ticking(z, t, params):
+            _tick(t)
+            return field(z, t, params)
+
+        return original(ticking, *args, **kwargs)
+
+    module.solve_module = counted
+
+
+def count_nfe(loss, *args, per: int = 1) -> tuple[float, float]:
+    """(forward, backward) right-hand-side evaluations of loss(*args) and of its
+    gradient, divided by `per` (the batch size when the solves are vmapped)."""
+    import jax
+
+    global _COUNTER
+    _COUNTER = []
+    try:
+        jax.block_until_ready(jax.jit(loss)(*args))
+        forward = len(_COUNTER)
+        _COUNTER.clear()
+        jax.block_until_ready(jax.jit(jax.grad(loss))(*args))
+        total = len(_COUNTER)
+    finally:
+        _COUNTER = None
+    return forward / per, (total - forward) / per
+
+
+def nfe_pair(nfe) -> str:
+    return f"{nfe[0]:.0f}/{nfe[1]:.0f}"
+
+
 # ================================================================ JAX systems
 
 
@@ -95,6 +153,7 @@ def _pair_field(func, t, state):
 
     from jaxode.nn.flows import exact_trace
 
+    _tick(t)
     f = lambda v: func(v, t)
     return jax.vmap(lambda v: exact_trace(f, v))(state[0])
 
@@ -186,8 +245,9 @@ def compile_step(step, *args) -> tuple:
 
 
 def torch_systems(cnf, x_np, thread_counts):
-    """{name: run() -> (loss, |grad|)} for torchdiffeq with the CNF's weights copied, each
-    adjoint at each intra-op thread count (set on every call)."""
+    """({name: run() -> (loss, |grad|)}, nfes) for torchdiffeq with the CNF's weights copied,
+    each adjoint at each intra-op thread count (set on every call); nfes[solve name,
+    threads] holds (forward, backward) evaluations of the last run."""
     import torch
     import torchdiffeq
 
@@ -208,6 +268,7 @@ def torch_systems(cnf, x_np, thread_counts):
                 self.weights.append(torch.nn.Parameter(torch.tensor(b)))
 
         def forward(self, t, state):
+            self.nfe += 1
             z = state[0]
             h = t.reshape(1).to(z.dtype)
             n = len(self.weights) // 2
@@ -225,6 +286,8 @@ def torch_systems(cnf, x_np, thread_counts):
             return dz, tr
 
     field = Field()
+    field.nfe = 0
+    nfes = {}
     initial = [p.detach().clone() for p in field.parameters()]
     x = torch.from_numpy(x_np)
     ts = torch.tensor([T1, T0], dtype=torch.float32)
@@ -238,12 +301,15 @@ def torch_systems(cnf, x_np, thread_counts):
                     p.copy_(p0)
             opt = torch.optim.Adam(field.parameters(), lr=LR)
             opt.zero_grad()
+            field.nfe = 0
             zs, integral = solve(field, (x, torch.zeros(x.shape[0])), ts, rtol=RTOL, atol=ATOL,
                                  method="dopri5")
+            forward = field.nfe
             z = zs[-1]
             log_prob = torch.sum(-0.5 * (z / base_std) ** 2 - log_norm, dim=1) + integral[-1]
             loss = -log_prob.mean()
             loss.backward()
+            nfes[solve.__name__, threads] = (forward, field.nfe - forward)
             gnorm = torch.sqrt(sum(torch.sum(p.grad**2) for p in field.parameters()))
             opt.step()
             return float(loss.detach()), float(gnorm)
@@ -254,7 +320,7 @@ def torch_systems(cnf, x_np, thread_counts):
     for threads in thread_counts:
         systems[torch_name(TADJ, threads)] = runner(torchdiffeq.odeint_adjoint, threads)
         systems[torch_name(TDIR, threads)] = runner(torchdiffeq.odeint, threads)
-    return systems
+    return systems, nfes
 
 
 def torch_name(base: str, threads: int) -> str:
@@ -277,13 +343,16 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
     optimizer = optax.adam(LR)
     opt_state = optimizer.init(arrays)
 
+    import jaxode.nn.flows
+
+    _count_jaxode(jaxode.nn.flows)
     rows: dict[str, dict] = {}
     fns = {}
     for name, loss in jax_loss_fns(cnfs, func_static).items():
         compiled, seconds, temp, out = compile_step(train_step(loss, optimizer), arrays,
                                                     opt_state, x)
         rows[name] = {"compile_s": seconds, "temp_bytes": temp, "loss": float(out[2]),
-                      "grad_norm": float(out[3])}
+                      "grad_norm": float(out[3]), "nfe": count_nfe(loss, arrays, x)}
         fns[name] = (lambda c: lambda: c(arrays, opt_state, x))(compiled)
         print(f"  compiled {name}: {seconds:.1f} s", flush=True)
 
@@ -293,10 +362,12 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
 
         default_threads = torch.get_num_threads()
         torch_threads = sorted({1, default_threads})
-        for name, run in torch_systems(cnf, x_np, torch_threads).items():
+        systems, nfes = torch_systems(cnf, x_np, torch_threads)
+        for name, run in systems.items():
             value, gnorm = run()
             rows[name] = {"compile_s": None, "temp_bytes": None, "loss": value,
-                          "grad_norm": gnorm}
+                          "grad_norm": gnorm, "nfe": next(iter(nfes.values()))}
+            nfes.clear()
             fns[name] = run
 
     times = time_interleaved(fns, repeats, min_sample_s=0.0, block=_block_any)
@@ -318,13 +389,13 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
                 paired_ratio(times, JBS, name))
     met = {k: v <= (1.0 if "<= 1.0" in k else 0.25) for k, v in targets.items()}
 
-    headers = ["system", "step ms", "min ms", "vs jaxode bs", "compile s", "temp MiB",
-               "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
+    headers = ["system", "step ms", "min ms", "vs jaxode bs", "NFE fwd/bwd", "compile s",
+               "temp MiB", "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
     body = []
     for name, row in rows.items():
         body.append([
             name, ms(row["median_s"]), ms(row["min_s"]),
-            fmt(ratio(row["median_s"], rows[JBS]["median_s"]), ".2f"),
+            fmt(ratio(row["median_s"], rows[JBS]["median_s"]), ".2f"), nfe_pair(row["nfe"]),
             fmt(row["compile_s"], ".1f"),
             "-" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.2f}",
             f"{row['loss']:.6f}", fmt(row["loss_rel_diff"], ".1e"),
@@ -348,7 +419,7 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
 # ================================================================ Latent ODE
 
 LAT_BATCH, LAT_T, LAT_DIM = 64, 30, 4
-LAT_RTOL = LAT_ATOL = 1e-5  # float32: the paper's 1.5e-8 needs float64
+LAT_TOL = {"float32": 1e-5, "float64": 1.5e-8}  # the paper's 1.5e-8 needs float64
 LBS, LDIR = "jaxode backsolve", "jaxode direct"
 LDBS, LDRC = "diffrax BacksolveAdjoint", "diffrax RecursiveCheckpoint"
 LAT_REFERENCE_MS = {LDRC: 2.5, LDBS: 7.9}
@@ -380,8 +451,12 @@ def _diffrax_latent_class():
             arrays, static = eqx.partition(params, eqx.is_array)
             adjoint = (diffrax.BacksolveAdjoint() if self.adjoint == "backsolve"
                        else diffrax.RecursiveCheckpointAdjoint())
+            def term(t, z, p):
+                _tick(t)
+                return f(z, t, eqx.combine(p, static))
+
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(lambda t, z, p: f(z, t, eqx.combine(p, static))),
+                diffrax.ODETerm(term),
                 diffrax.Dopri5(), ts[0], ts[-1], None, z0, args=arrays,
                 saveat=diffrax.SaveAt(ts=ts),
                 stepsize_controller=diffrax.PIDController(rtol=self.rtol, atol=self.atol),
@@ -392,16 +467,19 @@ def _diffrax_latent_class():
     return DiffraxLatentODE
 
 
-def section_latent(repeats: int) -> dict:
+def section_latent(repeats: int, dtype: str) -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
     import optax
 
+    import jaxode.nn.latent
     from jaxode.nn import LatentODE
 
+    _count_jaxode(jaxode.nn.latent)
+    tol = LAT_TOL[dtype]
     ts_np, xs_np = spirals(LAT_BATCH, LAT_T)
-    ts, xs = jnp.asarray(ts_np), jnp.asarray(xs_np)
+    ts, xs = jnp.asarray(ts_np, dtype), jnp.asarray(xs_np, dtype)
     keys = jax.random.split(jax.random.PRNGKey(1), LAT_BATCH)
     optimizer = optax.adam(LR)
     diffrax_cls = _diffrax_latent_class()
@@ -411,8 +489,8 @@ def section_latent(repeats: int) -> dict:
     rows: dict[str, dict] = {}
     fns = {}
     for name, (cls, adjoint) in systems.items():
-        model = cls(obs_dim=2, latent_dim=LAT_DIM, rtol=LAT_RTOL, atol=LAT_ATOL,
-                    adjoint=adjoint, key=jax.random.PRNGKey(0))
+        model = cls(obs_dim=2, latent_dim=LAT_DIM, rtol=tol, atol=tol, adjoint=adjoint,
+                    max_steps=MAX_STEPS, key=jax.random.PRNGKey(0))
         arrays, static = eqx.partition(model, eqx.is_array)
         opt_state = optimizer.init(arrays)
 
@@ -423,7 +501,8 @@ def section_latent(repeats: int) -> dict:
         compiled, seconds, temp, out = compile_step(train_step(loss, optimizer), arrays,
                                                     opt_state, xs)
         rows[name] = {"compile_s": seconds, "temp_bytes": temp, "loss": float(out[2]),
-                      "grad_norm": float(out[3])}
+                      "grad_norm": float(out[3]),
+                      "nfe": count_nfe(loss, arrays, xs, per=LAT_BATCH)}
         fns[name] = (lambda c, a, o: lambda: c(a, o, xs))(compiled, arrays, opt_state)
         print(f"  compiled {name}: {seconds:.1f} s", flush=True)
 
@@ -438,27 +517,30 @@ def section_latent(repeats: int) -> dict:
     key = "jaxode backsolve / diffrax BacksolveAdjoint (paired, <= 0.6)"
     targets = {key: paired_ratio(times, LBS, LDBS)}
     met = {key: targets[key] <= 0.6}
-    headers = ["system", "step ms", "min ms", "vs jaxode bs", "compile s", "temp MiB",
-               "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
+    headers = ["system", "step ms", "min ms", "vs jaxode bs", "NFE fwd/bwd", "compile s",
+               "temp MiB", "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
     body = [[
         name, ms(row["median_s"]), ms(row["min_s"]),
-        fmt(ratio(row["median_s"], rows[LBS]["median_s"]), ".2f"), fmt(row["compile_s"], ".1f"),
+        fmt(ratio(row["median_s"], rows[LBS]["median_s"]), ".2f"), nfe_pair(row["nfe"]),
+        fmt(row["compile_s"], ".1f"),
         "-" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.2f}",
         f"{row['loss']:.6f}", fmt(row["loss_rel_diff"], ".1e"), f"{row['grad_norm']:.5g}",
         fmt(row["grad_norm_rel_diff"], ".1e"), fmt(LAT_REFERENCE_MS.get(name), ".1f"),
     ] for name, row in rows.items()]
     note = (f"one Adam step on the negative mean ELBO, batch {LAT_BATCH} (jax.vmap: own steps "
             f"per sequence), {LAT_T} observations, latent dim {LAT_DIM}, GRU encoder, dopri5 "
-            f"rtol=atol={LAT_RTOL:g}, float32; {repeats} rounds; differences against {LDRC}\n"
+            f"rtol=atol={tol:g}, {dtype}; NFE per sequence; {repeats} rounds; differences "
+            f"against {LDRC}\n"
             "earlier ms: figures quoted in the brief (not this run)\n"
             + "\n".join(f"target {k}: {v:.3f} -> {'met' if met[k] else 'NOT met'}"
                         for k, v in targets.items())
             + f"\nlosses agree within {LOSS_RTOL:g}: "
             + ("yes" if all(r["loss_ok"] for r in rows.values()) else "NO"))
-    print(table("Latent ODE: one training step (ELBO, forward + backward + Adam)", headers,
+    print(table(f"Latent ODE, {dtype}: one training step (ELBO, forward + backward + Adam)",
+                headers,
                 body, note))
     return {"systems": rows, "targets": targets, "targets_met": met, "repeats": repeats,
-            "dtype": "float32", "rtol": LAT_RTOL, "atol": LAT_ATOL}
+            "dtype": dtype, "rtol": tol, "atol": tol}
 
 
 def _block_any(out):
@@ -474,10 +556,17 @@ def main(argv=None) -> None:
     parser.add_argument("--no-latent", action="store_true", help="leave out the Latent ODE")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "models.json"),
                         help="where to write the JSON results")
+    parser.add_argument("--latent64-worker", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    rounds = 3 if args.quick else 11
 
     import jax
 
+    if args.latent64_worker:  # a child process: the x64 flag must be set before any work
+        jax.config.update("jax_enable_x64", True)
+        Path(args.latent64_worker).write_text(
+            json.dumps(section_latent(rounds, "float64"), default=float))
+        return
     jax.config.update("jax_enable_x64", False)
     jax.config.update("jax_enable_compilation_cache", False)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(1.0))  # backend start-up, not timed
@@ -487,9 +576,15 @@ def main(argv=None) -> None:
         "python": platform.python_version(), "jax": jax.__version__,
         "machine": platform.machine(), "quick": args.quick,
     }}
-    results["cnf"] = section_cnf(3 if args.quick else 11, not args.no_torch)
+    results["cnf"] = section_cnf(rounds, not args.no_torch)
     if not args.no_latent:
-        results["latent_ode"] = section_latent(3 if args.quick else 11)
+        results["latent_ode"] = section_latent(rounds, "float32")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "latent64.json"
+            command = [sys.executable, "-m", "benchmarks.models", "--latent64-worker",
+                       str(path)] + (["--quick"] if args.quick else [])
+            subprocess.run(command, check=True, cwd=ROOT)
+            results["latent_ode_float64"] = json.loads(path.read_text())
     results["meta"]["wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

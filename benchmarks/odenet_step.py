@@ -1,15 +1,29 @@
-"""One ODE-Net training step, MNIST architecture (issue 4): the convolution lowering.
+"""One ODE-Net training step, MNIST architecture (issue 4), jaxode against its peers.
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.odenet_step [--batch 128] [--channels 64]
 
-Runs the step (forward + backsolve gradient + SGD momentum update; dopri5 at the
-paper's rtol = atol = 1e-3; batch 128 of 1x28x28 images, 64 channels) twice, each in a
-child process: with the ODE function's convolutions as jaxode writes them
-(`jaxode.nn.odenet.shifted_conv`, matrix products on shifted views) and with equinox's
-Conv2d (XLA's convolution, which XLA:CPU runs with a slow generic kernel inside the
-solver's while loop); and the same architecture in PyTorch with torchdiffeq's
-odeint_adjoint (one thread). Prints the times, ratios and losses (the two JAX runs
-share their weights, so their losses must agree).
+The step is forward + gradient + SGD-momentum update of the paper's classifier
+(`jaxode.nn.ODENet`: downsampling convs, one ODE block on t in [0, 1], GN-ReLU-pool-
+linear head), batch 128 of 1x28x28 images, 64 channels, dopri5 at rtol = atol = 1e-3.
+Each system runs in its own child process:
+
+- `jaxode backsolve`: the model as shipped; its convolutions inside the solver are
+  matrix products on shifted views (`jaxode.nn.odenet.shifted_conv`);
+- `jaxode backsolve 1e-6`: the same at rtol = atol = 1e-6 (many more steps), to show
+  that the compiled memory does not depend on the number of steps;
+- `jaxode, XLA conv`: the same with equinox's Conv2d inside the loop (XLA's
+  convolution, which XLA:CPU runs with a slow generic kernel inside a while loop);
+- `RK-Net rk4 xN`: `jaxode.nn.RKNet`, N fixed rk4 steps differentiated directly: its
+  memory grows with N;
+- `diffrax backsolve`: the same modules and weights, the block solved by diffrax
+  (Dopri5, PIDController, BacksolveAdjoint);
+- `torchdiffeq odeint_adjoint` / `odeint`: the architecture in PyTorch (one thread, its
+  own random weights: compare time together with NFE).
+
+Columns: steady-state seconds per step (median), compile seconds (lower + XLA
+compile), compiled temporary memory (`memory_analysis()`), forward and backward NFE of
+the step (counted by a callback in a separate, untimed run), loss (the JAX systems
+share their weights, so the loss of the 1e-3 systems must agree).
 """
 
 from __future__ import annotations
@@ -19,57 +33,136 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+SYSTEMS = (
+    "jaxode backsolve",
+    "jaxode backsolve 1e-6",
+    "jaxode, XLA conv",
+    "RK-Net rk4 x4",
+    "RK-Net rk4 x16",
+    "diffrax backsolve",
+    "torchdiffeq odeint_adjoint",
+    "torchdiffeq odeint",
+)
 
 
-def run_step(conv: str, batch: int, channels: int, repeats: int) -> dict:
+class _Counter:
+    """NFE by a host callback in the ODE function (only in the untimed counting run)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, _):
+        self.count += 1
+
+
+def _counting(func, counter):
     import equinox as eqx
     import jax
+
+    class Counting(eqx.Module):
+        inner: eqx.Module
+
+        def __call__(self, z, t):
+            jax.debug.callback(counter, t)
+            return self.inner(z, t)
+
+    return Counting(func)
+
+
+def run_jax(system: str, batch: int, channels: int, repeats: int) -> dict:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
 
     import jaxode.nn as nn
     import jaxode.nn.odenet as odenet
 
-    if conv == "xla":
+    if system == "jaxode, XLA conv":
         odenet.shifted_conv = lambda layer, x: layer(x)
-    model = nn.ODENet(channels=channels, key=jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
+    rtol = 1e-6 if system.endswith("1e-6") else 1e-3
+    if system.startswith("RK-Net"):
+        model = nn.RKNet(channels=channels, steps=int(system.rsplit("x", 1)[1]), key=key)
+    else:
+        model = nn.ODENet(channels=channels, rtol=rtol, atol=rtol, key=key)
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 1, 28, 28))
     y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
+
+    if system == "diffrax backsolve":
+        import diffrax
+
+        def block_forward(func, h):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, z, f: f(z, t)), diffrax.Dopri5(), 0.0, 1.0, None, h,
+                args=func, stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
+                adjoint=diffrax.BacksolveAdjoint(), max_steps=4096,
+                saveat=diffrax.SaveAt(t1=True))
+            return sol.ys[0]
+    else:
+
+        def block_forward(func, h):
+            return eqx.tree_at(lambda m: m.features.func, model, func).features(h)
+
+    def logits(m, func):
+        h = odenet.per_example(m.downsample, x, 3)
+        return odenet.per_example(m.head, block_forward(func, h), 3)
+
+    def loss_fn(m, func):
+        return optax.softmax_cross_entropy_with_integer_labels(logits(m, func), y).mean()
+
     optimizer = optax.sgd(0.1, momentum=0.9)
-    state = optimizer.init(eqx.filter(model, eqx.is_array))
+    arrays, static = eqx.partition(model, eqx.is_array)
+    opt_state = optimizer.init(arrays)
 
-    @eqx.filter_jit
-    def step(model, state):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    def step(arrays, opt_state):
+        def loss_of(a):
+            m = eqx.combine(a, static)
+            return loss_fn(m, m.features.func)
 
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-        updates, state = optimizer.update(grads, state, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), state, loss
+        loss, grads = jax.value_and_grad(loss_of)(arrays)
+        updates, opt_state = optimizer.update(grads, opt_state, arrays)
+        return optax.apply_updates(arrays, updates), opt_state, loss
 
     start = time.perf_counter()
-    loss = jax.block_until_ready(step(model, state)[2])
-    first = time.perf_counter() - start
+    compiled = jax.jit(step).lower(arrays, opt_state).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp = None if memory is None else int(memory.temp_size_in_bytes)
+    loss = float(jax.block_until_ready(compiled(arrays, opt_state)[2]))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(step(model, state)[2])
+        jax.block_until_ready(compiled(arrays, opt_state)[2])
         times.append(time.perf_counter() - start)
-    nfe = int(np.max(model.with_stats(x)[1]["nfe"]))
-    return {"conv": conv, "first_call_s": first, "step_s": float(np.median(times)),
-            "loss": float(loss), "forward_nfe": nfe}
+
+    # NFE: the forward pass alone, then the whole gradient, with a counting field.
+    counter = _Counter()
+    counted = _counting(model.features.func, counter)
+    jax.block_until_ready(jax.jit(lambda f: logits(model, f))(counted))
+    forward = counter.count
+    counter.count = 0
+    jax.block_until_ready(jax.jit(jax.grad(lambda f: loss_fn(model, f)))(counted))
+    total = counter.count
+    return {"system": system, "step_s": float(np.median(times)), "compile_s": compile_s,
+            "temp_bytes": temp, "loss": loss, "forward_nfe": forward,
+            "backward_nfe": total - forward, "rtol": rtol,
+            "params": int(sum(a.size for a in jax.tree_util.tree_leaves(arrays)
+                              if jnp.issubdtype(a.dtype, jnp.floating)))}
 
 
-def run_torch_step(batch: int, channels: int, repeats: int) -> dict:
-    """The same architecture in PyTorch with torchdiffeq's odeint_adjoint (its own random
-    weights: compare the time per step together with the NFE)."""
+def run_torch(system: str, batch: int, channels: int, repeats: int) -> dict:
     import numpy as np
     import torch
     from torch import nn as tnn
-    from torchdiffeq import odeint_adjoint
+    from torchdiffeq import odeint, odeint_adjoint
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    solve = odeint_adjoint if system.endswith("adjoint") else odeint
 
     def norm(c):
         return tnn.GroupNorm(min(32, c), c)
@@ -102,7 +195,7 @@ def run_torch_step(batch: int, channels: int, repeats: int) -> dict:
 
         def forward(self, x):
             ts = torch.tensor([0.0, 1.0])
-            return odeint_adjoint(self.func, x, ts, rtol=1e-3, atol=1e-3, method="dopri5")[1]
+            return solve(self.func, x, ts, rtol=1e-3, atol=1e-3, method="dopri5")[1]
 
     c = channels
     model = tnn.Sequential(
@@ -122,9 +215,7 @@ def run_torch_step(batch: int, channels: int, repeats: int) -> dict:
         optimizer.step()
         return float(loss.detach())
 
-    start = time.perf_counter()
     loss = step()
-    first = time.perf_counter() - start
     times, nfes = [], []
     for _ in range(repeats):
         func.nfe = 0
@@ -135,8 +226,15 @@ def run_torch_step(batch: int, channels: int, repeats: int) -> dict:
     func.nfe = 0
     with torch.no_grad():
         model(x)
-    return {"conv": "torchdiffeq", "first_call_s": first, "step_s": float(np.median(times)),
-            "loss": loss, "forward_nfe": func.nfe, "total_nfe": int(np.median(nfes))}
+    total = int(np.median(nfes))
+    return {"system": system, "step_s": float(np.median(times)), "compile_s": None,
+            "temp_bytes": None, "loss": loss, "forward_nfe": func.nfe,
+            "backward_nfe": total - func.nfe,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:
@@ -144,32 +242,57 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=["shifted", "xla", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--out", default="bench_results/odenet_step.json")
+    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker == "torch":
-        print(json.dumps(run_torch_step(args.batch, args.channels, args.repeats)))
-        return
     if args.worker:
-        print(json.dumps(run_step(args.worker, args.batch, args.channels, args.repeats)))
+        run = run_torch if args.worker.startswith("torch") else run_jax
+        # The slow systems get one timed repeat: their seconds per step dwarf the noise.
+        repeats = 1 if args.worker in ("jaxode, XLA conv", "jaxode backsolve 1e-6") else (
+            args.repeats)
+        print(json.dumps(run(args.worker, args.batch, args.channels, repeats)))
         return
-    rows = []
-    for conv in ("shifted", "xla", "torch"):
-        command = [sys.executable, "-m", "benchmarks.odenet_step", "--worker", conv,
+    rows = {}
+    for system in args.systems:
+        command = [sys.executable, "-m", "benchmarks.odenet_step", "--worker", system,
                    "--batch", str(args.batch), "--channels", str(args.channels),
                    "--repeats", str(args.repeats)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"ODE-Net training step, batch {args.batch}, {args.channels} channels, dopri5 1e-3, "
-          "backsolve")
-    print(f"{'convolution':12s} {'step s':>8s} {'1st call s':>11s} {'fwd NFE':>8s} {'loss':>10s}")
-    for row in rows:
-        print(f"{row['conv']:12s} {row['step_s']:8.3f} {row['first_call_s']:11.2f} "
-              f"{row['forward_nfe']:8d} {row['loss']:10.5f}")
-    print(f"xla / shifted step time: {rows[1]['step_s'] / rows[0]['step_s']:.1f}x; "
-          f"losses agree: {abs(rows[0]['loss'] - rows[1]['loss']) < 1e-4}")
-    print(f"jaxode (shifted) / torchdiffeq odeint_adjoint step time: "
-          f"{rows[0]['step_s'] / rows[2]['step_s']:.2f} (torch: its own random weights, "
-          f"forward NFE {rows[2]['forward_nfe']}, forward + backward NFE {rows[2]['total_nfe']})")
+        rows[system] = json.loads(out.strip().splitlines()[-1])
+        print(f"  done: {system}", file=sys.stderr)
+    print(f"ODE-Net training step, MNIST architecture, batch {args.batch}, {args.channels} "
+          "channels, dopri5 rtol=atol=1e-3 unless named")
+    print(f"{'system':28s} {'step s':>8s} {'compile s':>10s} {'temp MiB':>9s} "
+          f"{'fwd NFE':>8s} {'bwd NFE':>8s} {'loss':>9s}")
+    for row in rows.values():
+        temp = None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20
+        print(f"{row['system']:28s} {row['step_s']:8.3f} {_fmt(row['compile_s'], '10.1f')} "
+              f"{_fmt(temp, '9.1f')} {row['forward_nfe']:8d} {row['backward_nfe']:8d} "
+              f"{row['loss']:9.5f}")
+
+    def ratio(a, b, key="step_s"):
+        if a in rows and b in rows and rows[a][key] and rows[b][key]:
+            return rows[a][key] / rows[b][key]
+        return None
+
+    ratios = {
+        "jaxode / torchdiffeq odeint_adjoint time":
+            ratio("jaxode backsolve", "torchdiffeq odeint_adjoint"),
+        "jaxode / torchdiffeq odeint time": ratio("jaxode backsolve", "torchdiffeq odeint"),
+        "jaxode / diffrax backsolve time": ratio("jaxode backsolve", "diffrax backsolve"),
+        "XLA conv / shifted conv time": ratio("jaxode, XLA conv", "jaxode backsolve"),
+        "jaxode memory 1e-6 / 1e-3":
+            ratio("jaxode backsolve 1e-6", "jaxode backsolve", "temp_bytes"),
+        "RK-Net memory x16 / x4": ratio("RK-Net rk4 x16", "RK-Net rk4 x4", "temp_bytes"),
+        "jaxode / diffrax backsolve memory":
+            ratio("jaxode backsolve", "diffrax backsolve", "temp_bytes"),
+    }
+    for name, value in ratios.items():
+        if value is not None:
+            print(f"{name}: {value:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=1))
 
 
 if __name__ == "__main__":
