@@ -140,6 +140,7 @@ class LatentODESpirals(Experiment):
             total = total + loss
             metrics["latent_ode/loss"] = loss
             metrics["latent_ode/kl"] = jnp.mean(terms["kl"])
+            metrics["nfe"] = jnp.mean(terms["nfe"]).astype(jnp.float32)
         if "rnn" in models:
             model = models["rnn"]
             ll = jax.vmap(lambda x, m: model.log_likelihood(ts, x, m))(batch["xs"], batch["mask"])

@@ -326,7 +326,8 @@ def test_latent_ode_poisson_likelihood():
         return terms, log_lik, jax.vmap(model.intensity)(model.trajectory(z0, fine))
 
     terms, log_lik, rates = run(model)
-    assert set(terms) == {"elbo", "log_likelihood", "kl", "poisson"} and _finite(terms)
+    assert set(terms) == {"elbo", "log_likelihood", "kl", "poisson", "nfe"} and _finite(terms)
+    assert terms["nfe"] > 0
     np.testing.assert_allclose(
         terms["elbo"], terms["log_likelihood"] + terms["poisson"] - terms["kl"]
     )

@@ -258,10 +258,12 @@ class LatentODE(eqx.Module):
         self.adjoint, self.max_steps = adjoint, max_steps
 
     def _odeint(self, f, z0, ts, params):
-        return solve_module(
+        """(zs, stats) of the latent solve; stats["nfe"] the forward evaluations."""
+        sol = solve_module(
             f, z0, ts, params, solver=self.solver, rtol=self.rtol, atol=self.atol,
             adjoint=self.adjoint, max_steps=self.max_steps,
-        ).zs
+        )
+        return sol.zs, sol.stats
 
     def _log_std(self, dtype):
         if self.log_obs_std is None:
@@ -278,6 +280,9 @@ class LatentODE(eqx.Module):
 
     def trajectory(self, z0, ts):
         """The latent states z(ts) (len(ts), latent_dim), z0 being z(ts[0])."""
+        return self._trajectory(z0, ts)[0]
+
+    def _trajectory(self, z0, ts):
         return self._odeint(lambda z, t, func: func(z, t), z0, ts.astype(z0.dtype), self.func)
 
     def decode(self, zs):
@@ -321,7 +326,7 @@ class LatentODE(eqx.Module):
             raise ValueError("poisson_log_likelihood: build the model with poisson=True")
         ts = ts.astype(z0.dtype)
         times = ts if t_end is None else jnp.concatenate([ts, jnp.asarray(t_end, z0.dtype)[None]])
-        zs, big_lambda = self._augmented_solve(z0, times)
+        (zs, big_lambda), _ = self._augmented_solve(z0, times)
         events = jnp.ones(ts.shape, bool) if event_mask is None else jnp.asarray(event_mask, bool)
         rates = jax.vmap(self.intensity)(zs[: ts.shape[0]])
         return jnp.sum(jnp.where(events, jnp.log(rates), 0.0)) - big_lambda[-1]
@@ -333,16 +338,16 @@ class LatentODE(eqx.Module):
 
     def elbo_terms(self, key, ts, xs, mask=None):
         """The ELBO's parts for one sequence, with one posterior sample: a dict with
-        `elbo` = `log_likelihood` (+ `poisson`) - `kl`."""
+        `elbo` = `log_likelihood` (+ `poisson`) - `kl`, and the latent solve's `nfe`."""
         mask = _mask_of(xs, mask)
         ts = ts.astype(xs.dtype)
         mean, log_std = self.encode(ts, xs, mask)
         z0 = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
         terms = {}
         if self.intensity is None:
-            zs = self.trajectory(z0, ts)
+            zs, stats = self._trajectory(z0, ts)
         else:
-            zs, big_lambda = self._augmented_solve(z0, ts)
+            (zs, big_lambda), stats = self._augmented_solve(z0, ts)
             events = jnp.any(mask > 0, axis=-1)
             rates = jax.vmap(self.intensity)(zs)
             terms["poisson"] = jnp.sum(jnp.where(events, jnp.log(rates), 0.0)) - big_lambda[-1]
@@ -351,6 +356,7 @@ class LatentODE(eqx.Module):
         terms["log_likelihood"] = jnp.sum(log_lik * mask)
         terms["kl"] = gaussian_kl(mean, log_std)
         terms["elbo"] = terms["log_likelihood"] + terms.get("poisson", 0.0) - terms["kl"]
+        terms["nfe"] = stats["nfe"]
         return terms
 
     def elbo(self, key, ts, xs, mask=None):
