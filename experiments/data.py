@@ -39,6 +39,21 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return perm[index * batch_size : (index + 1) * batch_size]
 
 
+def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image of x (N, C, H, W) translated by its own random (dy, dx) in
+    [-max_shift, max_shift]^2, the uncovered border filled with zeros."""
+    if max_shift <= 0:
+        return x
+    n, _, height, width = x.shape
+    pad = max_shift
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
+    out = np.empty_like(x)
+    for i, (dy, dx) in enumerate(shifts):
+        out[i] = padded[i, :, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+    return out
+
+
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * test_fraction))

@@ -29,8 +29,7 @@ import optax
 import jaxode
 
 from .config import RunConfig
-from .data import batch_indices
-from .odenet import ImageData, cast, check_image_data, load_images, logits_and_nfe
+from .odenet import ImageData, cast, check_image_data, image_batch, load_images, logits_and_nfe
 from .parallel import to_numpy
 from .report import Report, plot_curves, pyplot, save_figure
 from .runner import Experiment
@@ -107,9 +106,7 @@ class NFEStudy(Experiment):
         return {"odenet": cast(model, self.ctx.dtype)}
 
     def batch(self, step):
-        idx = batch_indices(len(self.data["y_train"]), self.cfg.train.batch_size, step,
-                            self.cfg.seed)
-        return {"x": self.data["x_train"][idx], "y": self.data["y_train"][idx]}
+        return image_batch(self.data, self.cfg, step)
 
     def loss(self, models, batch, key):
         logits, nfe = logits_and_nfe(models["odenet"], batch["x"])

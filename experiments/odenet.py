@@ -37,6 +37,7 @@ class ImageData:
     size: int | None = None  # resize the images to size x size (bilinear)
     train_subset: int | None = None  # use the first N training images only
     test_subset: int | None = None  # evaluate on the first N test images only
+    augment_shift: int = 0  # translate each training image by up to this many pixels
 
     def check(self):
         errors = {}
@@ -44,6 +45,8 @@ class ImageData:
             errors["test_fraction"] = f"must be in (0, 1), got {self.test_fraction}"
         if self.size is not None and self.size < 4:
             errors["size"] = f"must be at least 4, got {self.size}"
+        if self.augment_shift < 0:
+            errors["augment_shift"] = f"must be >= 0, got {self.augment_shift}"
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 errors[name] = "must be a positive integer or null"
@@ -136,6 +139,15 @@ def build_classifier(name: str, m: ClassifierModels, solver: dict, image_shape, 
                             key=key)
 
 
+def image_batch(images: dict, cfg, step: int) -> dict:
+    """The training batch of `step`, translated when cfg.data.augment_shift > 0; seeded
+    by (seed, step), so a resumed run sees the same batches."""
+    idx = datasets.batch_indices(len(images["y_train"]), cfg.train.batch_size, step, cfg.seed)
+    x = datasets.random_shift(images["x_train"][idx], cfg.data.augment_shift,
+                              np.random.default_rng([cfg.seed, step, 1]))
+    return {"x": x, "y": images["y_train"][idx]}
+
+
 def logits_and_nfe(model, x):
     """(logits, mean forward NFE or NaN) for a batch."""
     if hasattr(model, "with_stats"):
@@ -170,9 +182,7 @@ class ODENetClassification(Experiment):
         }
 
     def batch(self, step):
-        idx = datasets.batch_indices(len(self.data["y_train"]), self.cfg.train.batch_size, step,
-                                     self.cfg.seed)
-        return {"x": self.data["x_train"][idx], "y": self.data["y_train"][idx]}
+        return image_batch(self.data, self.cfg, step)
 
     def loss(self, models, batch, key):
         total, metrics = 0.0, {}

@@ -54,6 +54,28 @@ def test_digits_resize():
     assert up.shape == (1, 1, 8, 8) and np.isclose(up.mean(), x.mean())
 
 
+def _translate(img, dy, dx):
+    """img (C, H, W) moved down by dy and right by dx, zeros where nothing moved in."""
+    out = np.zeros_like(img)
+    for r in range(img.shape[1]):
+        for c in range(img.shape[2]):
+            if 0 <= r - dy < img.shape[1] and 0 <= c - dx < img.shape[2]:
+                out[:, r, c] = img[:, r - dy, c - dx]
+    return out
+
+
+def test_random_shift_translates_with_zero_fill():
+    x = np.arange(2 * 1 * 5 * 5, dtype=np.float32).reshape(2, 1, 5, 5) + 1
+    assert data.random_shift(x, 0, np.random.default_rng(0)) is x
+    shifted = data.random_shift(x, 2, np.random.default_rng(3))
+    assert shifted.shape == x.shape
+    for i in range(2):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if np.array_equal(_translate(x[i], dy, dx), shifted[i])]
+        assert len(matches) == 1
+    assert np.array_equal(shifted, data.random_shift(x, 2, np.random.default_rng(3)))
+
+
 def test_batch_indices_cover_each_epoch_once_and_repeat():
     n, b = 10, 3
     epoch0 = np.concatenate([data.batch_indices(n, b, s, seed=4) for s in range(3)])
@@ -234,7 +256,7 @@ def test_density_target_landmarks():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_configs_validate(path):
     name = os.path.basename(path)
-    if name == "odenet_mnist.yaml":
+    if name.startswith("odenet_mnist"):
         with pytest.raises(ConfigError, match="data.path"):
             load_config(path)
         return
@@ -247,7 +269,7 @@ def test_every_experiment_has_a_quick_config():
     for base in ("odenet_digits", "nfe_study", "latent_ode_spirals", "cnf_density_matching",
                  "cnf_ml_2d"):
         assert base in names and f"{base}_quick" in names
-    assert "odenet_mnist" in names
+    assert "odenet_mnist" in names and "odenet_mnist_quick" in names
 
 
 # ------------------------------------------------------------------ end to end (slow)
@@ -258,7 +280,11 @@ QUICK = [p for p in CONFIGS if p.endswith("_quick.yaml")]
 @pytest.mark.slow
 @pytest.mark.parametrize("path", QUICK, ids=os.path.basename)
 def test_quick_config_end_to_end(path, tmp_path):
-    cls, cfg = load_config(path)
+    overrides = []
+    if os.path.basename(path).startswith("odenet_mnist"):  # random images in MNIST's files
+        write_mnist(tmp_path / "mnist", n_train=300, n_test=100)
+        overrides = [f"data.path={tmp_path / 'mnist'}"]
+    cls, cfg = load_config(path, overrides)
     start = time.perf_counter()
     result = run(cls, cfg, config_file=path, out_dir=str(tmp_path), progress=False)
     elapsed = time.perf_counter() - start
