@@ -133,6 +133,32 @@ def nll_and_nfe(model, x, key):
     return model.nll(x), jnp.asarray(jnp.nan, jnp.float32)
 
 
+def sum_over_flows(models, key, per_flow, metric: str):
+    """(Σ loss, metrics) over the flows: per_flow(name, model, key) -> (loss, nfe); the
+    metrics hold each flow's loss as "<name>/<metric>" and the CNFs' mean NFE as "nfe"."""
+    total, metrics, nfes = 0.0, {}, []
+    keys = jax.random.split(key, len(models))
+    for (name, model), k in zip(sorted(models.items()), keys):
+        value, nfe = per_flow(name, model, k)
+        total = total + value
+        metrics[f"{name}/{metric}"] = value
+        if is_continuous(model):
+            nfes.append(nfe)
+    if nfes:
+        metrics["nfe"] = jnp.mean(jnp.stack(nfes))
+    return total, metrics
+
+
+def eval_metrics(out: dict, metric: str) -> dict:
+    """{name: (value, nfe)} as floats "<name>/<metric>" and, for the CNFs, "<name>/nfe"."""
+    metrics = {}
+    for name, (value, nfe) in jax.tree_util.tree_map(to_numpy, out).items():
+        metrics[f"{name}/{metric}"] = float(value)
+        if np.isfinite(float(nfe)):
+            metrics[f"{name}/nfe"] = float(nfe)
+    return metrics
+
+
 def grid(lim: float, n: int):
     xs = np.linspace(-lim, lim, n)
     gx, gy = np.meshgrid(xs, xs)
@@ -180,18 +206,8 @@ class DensityMatching(_FlowExperiment):
         return jnp.mean(log_q - target(x)), nfe
 
     def loss(self, models, batch, key):
-        total, metrics, nfes = 0.0, {}, []
-        keys = jax.random.split(key, len(models))
-        for (name, model), k in zip(sorted(models.items()), keys):
-            kl, nfe = self._kl_one(model, self.targets[name.split("_", 1)[1]], k,
-                                   self.cfg.data.samples)
-            total = total + kl
-            metrics[f"{name}/kl"] = kl
-            if is_continuous(model):
-                nfes.append(nfe)
-        if nfes:
-            metrics["nfe"] = jnp.mean(jnp.stack(nfes))
-        return total, metrics
+        return sum_over_flows(models, key, lambda name, model, k: self._kl_one(
+            model, self.targets[name.split("_", 1)[1]], k, self.cfg.data.samples), "kl")
 
     def _kl_all(self, models, key):
         keys = jax.random.split(key, len(models))
@@ -201,13 +217,7 @@ class DensityMatching(_FlowExperiment):
 
     def evaluate(self, models, step):
         key = self.ctx.parallel.replicate(jax.random.PRNGKey(10_000 + self.cfg.seed))
-        out = jax.tree_util.tree_map(to_numpy, self._kl(models, key))
-        metrics = {}
-        for name, (kl, nfe) in out.items():
-            metrics[f"{name}/kl"] = float(kl)
-            if np.isfinite(float(nfe)):
-                metrics[f"{name}/nfe"] = float(nfe)
-        return metrics
+        return eval_metrics(self._kl(models, key), "kl")
 
     def report(self, models, log):
         out = self.ctx.out_dir
@@ -269,17 +279,8 @@ class MaxLikelihood(_FlowExperiment):
                 .astype(self.ctx.dtype) for i, name in enumerate(self.names)}
 
     def loss(self, models, batch, key):
-        total, metrics, nfes = 0.0, {}, []
-        keys = jax.random.split(key, len(models))
-        for (name, model), k in zip(sorted(models.items()), keys):
-            nll, nfe = nll_and_nfe(model, batch[name.split("_", 1)[1]], k)
-            total = total + nll
-            metrics[f"{name}/nll"] = nll
-            if is_continuous(model):
-                nfes.append(nfe)
-        if nfes:
-            metrics["nfe"] = jnp.mean(jnp.stack(nfes))
-        return total, metrics
+        return sum_over_flows(models, key, lambda name, model, k: nll_and_nfe(
+            model, batch[name.split("_", 1)[1]], k), "nll")
 
     def _nll_all(self, models, test, key):
         keys = jax.random.split(key, len(models))
@@ -289,13 +290,7 @@ class MaxLikelihood(_FlowExperiment):
     def evaluate(self, models, step):
         test = self.ctx.parallel.replicate({k: jnp.asarray(v) for k, v in self.test.items()})
         key = self.ctx.parallel.replicate(jax.random.PRNGKey(20_000 + self.cfg.seed))
-        out = jax.tree_util.tree_map(to_numpy, self._nll(models, test, key))
-        metrics = {}
-        for name, (nll, nfe) in out.items():
-            metrics[f"{name}/test_nll"] = float(nll)
-            if np.isfinite(float(nfe)):
-                metrics[f"{name}/nfe"] = float(nfe)
-        return metrics
+        return eval_metrics(self._nll(models, test, key), "test_nll")
 
     def report(self, models, log):
         out = self.ctx.out_dir
@@ -311,7 +306,7 @@ class MaxLikelihood(_FlowExperiment):
                 row[f"planar NF (K={m.nf_layers or m.width}) test NLL"] = final[
                     f"nf_{name}/test_nll"]
             rows.append(row)
-        figures = [self._plot(models, out)]
+        figures = [self._plot(models, out), self._plot_flow(models, out)]
         curves = plot_curves(log.split("train"), [f"{n}/nll" for n in sorted(models)], out,
                              "training.png", "training NLL")
         figures += [curves] if curves else []
@@ -339,3 +334,33 @@ class MaxLikelihood(_FlowExperiment):
             ax.set_aspect("equal")
         fig.tight_layout()
         return save_figure(fig, out, "samples.png")
+
+    def _plot_flow(self, models, out, n_times: int = 6, n: int = 5000):
+        """Figure 6: the CNF's samples flowing from the base density (t0) to data (t1)."""
+        plt = pyplot()
+
+        @eqx.filter_jit
+        def flow_to(model, z, t, key):
+            return model.solve(z, model.t0, t, key=key)[0]
+
+        fig, axes = plt.subplots(len(self.names), n_times,
+                                 figsize=(2.4 * n_times, 2.4 * len(self.names)), squeeze=False)
+        for row, name in zip(axes, self.names):
+            model = models[f"cnf_{name}"]
+            z = model.base_std * jax.random.normal(jax.random.PRNGKey(1), (n, model.dim),
+                                                   self.ctx.dtype)
+            lim = max(float(np.abs(self.test[name]).max()) * 1.1, 3 * model.base_std)
+            key = self.ctx.parallel.replicate(jax.random.PRNGKey(2))
+            for k, ax in enumerate(row):
+                t = model.t0 + (model.t1 - model.t0) * k / (n_times - 1)
+                x = to_numpy(z) if k == 0 else to_numpy(flow_to(
+                    model, self.ctx.parallel.replicate(z), jnp.asarray(t, self.ctx.dtype), key))
+                ax.scatter(x[:, 0], x[:, 1], s=0.5, alpha=0.4, color="tab:blue")
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+                ax.set_title(f"{name}: t = {t:g}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_aspect("equal")
+        fig.tight_layout()
+        return save_figure(fig, out, "flow.png")
