@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.solve
 	$(BIN)/python -m benchmarks.gradients
 	$(BIN)/python -m benchmarks.models
+	$(BIN)/python -m benchmarks.odenet_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
