@@ -214,7 +214,10 @@ class LatentODESpirals(Experiment):
             for name, color in (("latent_ode", "tab:blue"), ("rnn", "tab:red")):
                 if name in preds:
                     p = preds[name][i]
-                    ax.plot(p[:w, 0], p[:w, 1], color=color, lw=1.2, label=f"{name} recon")
+                    # The RNN's first prediction has read nothing yet: left out of the plot.
+                    first = 1 if name == "rnn" else 0
+                    ax.plot(p[first:w, 0], p[first:w, 1], color=color, lw=1.2,
+                            label=f"{name} recon")
                     ax.plot(p[w:, 0], p[w:, 1], color=color, lw=1.2, ls="--",
                             label=f"{name} extrap")
             ax.set_aspect("equal")
