@@ -238,6 +238,7 @@ def test_stop_interrupt_kill_and_resume_are_exact(tmp_path, reference, capsys, m
     uninterrupted run does, with its metrics file continued without duplicates."""
     cfg, path = tiny(tmp_path, log_every=2)
     out = str(tmp_path / "out")
+    sigint_handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
     # 1. train.stop_after: stops on a log line, at step 2.
     cfg.train.stop_after = 2
     first = run(ODEDemo, cfg, config_file=path, out_dir=out, progress=False)
@@ -262,7 +263,7 @@ def test_stop_interrupt_kill_and_resume_are_exact(tmp_path, reference, capsys, m
     interrupt_at(monkeypatch, 4, "signal")
     third = run(ODEDemo, cfg, config_file=path, out_dir=out, progress=False)
     assert (third.status, third.step) == ("interrupted", 5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_handler  # the run put it back
     monkeypatch.undo()
     # A changed config is refused before any work, naming the key.
     with pytest.raises(ConfigError, match="'model.width'.*--out"):
