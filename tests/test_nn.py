@@ -218,6 +218,15 @@ def test_cnf_logdet_jacobian_and_loss_gradients():
     assert _finite((nll_grad, kl_grad))
 
 
+def test_planar_field_divergence_in_closed_form():
+    func = nn.PlanarField(dim=3, width=5, hyper_hidden=4, key=jax.random.PRNGKey(8))
+    z, t = jnp.array([0.3, -0.5, 0.8]), 0.7
+    value, divergence = func.with_divergence(z, t)
+    np.testing.assert_allclose(value, func(z, t), rtol=1e-12)
+    np.testing.assert_allclose(divergence, jnp.trace(jax.jacfwd(lambda v: func(v, t))(z)),
+                               rtol=1e-12)
+
+
 def test_hutchinson_trace_is_unbiased():
     a = jax.random.normal(KEY, (3, 3))
     f = lambda z: jnp.tanh(a @ z) + z**2
