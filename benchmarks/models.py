@@ -136,6 +136,43 @@ def nfe_pair(nfe) -> str:
     return f"{nfe[0]:.0f}/{nfe[1]:.0f}"
 
 
+def add_timings(rows: dict, times: dict, reference: str) -> None:
+    """Each row gets its times and its loss and gradient-norm differences against the
+    reference system's (loss_ok: within LOSS_RTOL)."""
+    ref_loss, ref_gnorm = rows[reference]["loss"], rows[reference]["grad_norm"]
+    for name, row in rows.items():
+        row.update(median_s=times[name]["median"], min_s=times[name]["min"],
+                   samples=times[name]["samples"],
+                   loss_rel_diff=abs(row["loss"] - ref_loss) / abs(ref_loss),
+                   grad_norm_rel_diff=abs(row["grad_norm"] - ref_gnorm) / abs(ref_gnorm))
+        row["loss_ok"] = row["loss_rel_diff"] <= LOSS_RTOL
+
+
+def step_table(rows: dict, baseline: str, earlier_ms: dict, earlier_fmt: str):
+    """(headers, body) of a training-step table; times relative to `baseline`, and the
+    figures quoted in the brief (`earlier_ms`, by system name without its thread count)."""
+    headers = ["system", "step ms", "min ms", "vs jaxode bs", "NFE fwd/bwd", "compile s",
+               "temp MiB", "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
+    body = [[
+        name, ms(row["median_s"]), ms(row["min_s"]),
+        fmt(ratio(row["median_s"], rows[baseline]["median_s"]), ".2f"), nfe_pair(row["nfe"]),
+        fmt(row["compile_s"], ".1f"),
+        "-" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.2f}",
+        f"{row['loss']:.6f}", fmt(row["loss_rel_diff"], ".1e"), f"{row['grad_norm']:.5g}",
+        fmt(row["grad_norm_rel_diff"], ".1e"),
+        fmt(earlier_ms.get(name.split(" (")[0]), earlier_fmt),
+    ] for name, row in rows.items()]
+    return headers, body
+
+
+def verdicts(rows: dict, targets: dict, met: dict) -> str:
+    """The note's last lines: each target met or not, and whether the losses agree."""
+    return ("\n".join(f"target {k}: {v:.3f} -> {'met' if met[k] else 'NOT met'}"
+                      for k, v in targets.items())
+            + f"\nlosses agree within {LOSS_RTOL:g}: "
+            + ("yes" if all(r["loss_ok"] for r in rows.values()) else "NO"))
+
+
 # ================================================================ JAX systems
 
 
@@ -370,13 +407,7 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
             fns[name] = run
 
     times = time_interleaved(fns, repeats, min_sample_s=0.0, block=_block_any)
-    ref_loss, ref_gnorm = rows[DRC]["loss"], rows[DRC]["grad_norm"]
-    for name, row in rows.items():
-        row.update(median_s=times[name]["median"], min_s=times[name]["min"],
-                   samples=times[name]["samples"],
-                   loss_rel_diff=abs(row["loss"] - ref_loss) / abs(ref_loss),
-                   grad_norm_rel_diff=abs(row["grad_norm"] - ref_gnorm) / abs(ref_gnorm))
-        row["loss_ok"] = row["loss_rel_diff"] <= LOSS_RTOL
+    add_timings(rows, times, DRC)
 
     targets = {
         "jaxode backsolve / diffrax direct (paired, <= 1.0)": paired_ratio(times, JBS, DRC),
@@ -388,27 +419,12 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
                 paired_ratio(times, JBS, name))
     met = {k: v <= (1.0 if "<= 1.0" in k else 0.25) for k, v in targets.items()}
 
-    headers = ["system", "step ms", "min ms", "vs jaxode bs", "NFE fwd/bwd", "compile s",
-               "temp MiB", "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
-    body = []
-    for name, row in rows.items():
-        body.append([
-            name, ms(row["median_s"]), ms(row["min_s"]),
-            fmt(ratio(row["median_s"], rows[JBS]["median_s"]), ".2f"), nfe_pair(row["nfe"]),
-            fmt(row["compile_s"], ".1f"),
-            "-" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.2f}",
-            f"{row['loss']:.6f}", fmt(row["loss_rel_diff"], ".1e"),
-            f"{row['grad_norm']:.5g}", fmt(row["grad_norm_rel_diff"], ".1e"),
-            fmt(REFERENCE_MS.get(name.split(" (")[0]), ".0f"),
-        ])
+    headers, body = step_table(rows, JBS, REFERENCE_MS, ".0f")
     note = (f"one Adam step, {N_SAMPLES} samples, dopri5 rtol=atol={RTOL:g}, float32, "
             f"{repeats} rounds; differences against {DRC}; torch threads: {torch_threads}\n"
             "earlier ms: peer figures quoted in the brief, measured earlier on this machine (not "
             "this run; the workload behind them is not known to be this one)\n"
-            + "\n".join(f"target {k}: {v:.3f} -> {'met' if met[k] else 'NOT met'}"
-                        for k, v in targets.items())
-            + f"\nlosses agree within {LOSS_RTOL:g}: "
-            + ("yes" if all(r["loss_ok"] for r in rows.values()) else "NO"))
+            + verdicts(rows, targets, met))
     print(table("Planar CNF: one training step (forward + backward + Adam)", headers, body,
                 note))
     return {"systems": rows, "targets": targets, "targets_met": met,
@@ -507,38 +523,19 @@ def section_latent(repeats: int, dtype: str) -> dict:
         print(f"  compiled {name}: {seconds:.1f} s", flush=True)
 
     times = time_interleaved(fns, repeats, min_sample_s=0.05, block=_block_any)
-    ref_loss, ref_gnorm = rows[LDRC]["loss"], rows[LDRC]["grad_norm"]
-    for name, row in rows.items():
-        row.update(median_s=times[name]["median"], min_s=times[name]["min"],
-                   samples=times[name]["samples"],
-                   loss_rel_diff=abs(row["loss"] - ref_loss) / abs(ref_loss),
-                   grad_norm_rel_diff=abs(row["grad_norm"] - ref_gnorm) / abs(ref_gnorm))
-        row["loss_ok"] = row["loss_rel_diff"] <= LOSS_RTOL
+    add_timings(rows, times, LDRC)
     key = "jaxode backsolve / diffrax BacksolveAdjoint (paired, <= 0.6)"
     targets = {key: paired_ratio(times, LBS, LDBS)}
     met = {key: targets[key] <= 0.6}
-    headers = ["system", "step ms", "min ms", "vs jaxode bs", "NFE fwd/bwd", "compile s",
-               "temp MiB", "loss", "|Δloss|/loss", "|grad|", "Δ|grad| rel", "earlier ms"]
-    body = [[
-        name, ms(row["median_s"]), ms(row["min_s"]),
-        fmt(ratio(row["median_s"], rows[LBS]["median_s"]), ".2f"), nfe_pair(row["nfe"]),
-        fmt(row["compile_s"], ".1f"),
-        "-" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.2f}",
-        f"{row['loss']:.6f}", fmt(row["loss_rel_diff"], ".1e"), f"{row['grad_norm']:.5g}",
-        fmt(row["grad_norm_rel_diff"], ".1e"), fmt(LAT_REFERENCE_MS.get(name), ".1f"),
-    ] for name, row in rows.items()]
+    headers, body = step_table(rows, LBS, LAT_REFERENCE_MS, ".1f")
     note = (f"one Adam step on the negative mean ELBO, batch {LAT_BATCH} (jax.vmap: own steps "
             f"per sequence), {LAT_T} observations, latent dim {LAT_DIM}, GRU encoder, dopri5 "
             f"rtol=atol={tol:g}, {dtype}; NFE per sequence; {repeats} rounds; differences "
             f"against {LDRC}\n"
             "earlier ms: figures quoted in the brief (not this run)\n"
-            + "\n".join(f"target {k}: {v:.3f} -> {'met' if met[k] else 'NOT met'}"
-                        for k, v in targets.items())
-            + f"\nlosses agree within {LOSS_RTOL:g}: "
-            + ("yes" if all(r["loss_ok"] for r in rows.values()) else "NO"))
+            + verdicts(rows, targets, met))
     print(table(f"Latent ODE, {dtype}: one training step (ELBO, forward + backward + Adam)",
-                headers,
-                body, note))
+                headers, body, note))
     return {"systems": rows, "targets": targets, "targets_met": met, "repeats": repeats,
             "dtype": dtype, "rtol": tol, "atol": tol}
 

@@ -29,10 +29,9 @@ import optax
 import jaxode
 
 from .config import RunConfig
-from .odenet import ImageData, cast, check_image_data, image_batch, load_images, logits_and_nfe
+from .odenet import ImageData, ImageExperiment, cast, logits_and_nfe
 from .parallel import to_numpy
 from .report import Report, plot_curves, pyplot, save_figure
-from .runner import Experiment
 
 
 @dataclass(kw_only=True)
@@ -74,18 +73,12 @@ class _Counter:
         self.count += 1
 
 
-class NFEStudy(Experiment):
+class NFEStudy(ImageExperiment):
     Config = Config
     title = "ODE-Net NFE statistics (Figure 3)"
-    progress_fields = ("loss", "nfe")
-
-    @staticmethod
-    def check_config(cfg, file):
-        check_image_data(cfg.data, file)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.data = load_images(cfg.data, ctx.dtype, ctx.config_file)
         n = min(cfg.study.probe_size, len(self.data["y_test"]))
         self.probe = ctx.parallel.replicate(
             (jnp.asarray(self.data["x_test"][:n]), jnp.asarray(self.data["y_test"][:n])))
@@ -104,9 +97,6 @@ class NFEStudy(Experiment):
                           solver=s.method, rtol=s.rtol, atol=s.atol, dt0=s.dt0,
                           max_steps=s.max_steps, adjoint=s.adjoint, key=key)
         return {"odenet": cast(model, self.ctx.dtype)}
-
-    def batch(self, step):
-        return image_batch(self.data, self.cfg, step)
 
     def loss(self, models, batch, key):
         logits, nfe = logits_and_nfe(models["odenet"], batch["x"])

@@ -158,9 +158,10 @@ def logits_and_nfe(model, x):
     return model(x), jnp.asarray(jnp.nan, jnp.float32)
 
 
-class ODENetClassification(Experiment):
-    Config = Config
-    title = "Image classification: ODE-Net and baselines (Table 1)"
+class ImageExperiment(Experiment):
+    """The shared part of the image experiments: cfg.data is an `ImageData`, checked
+    before any work and loaded into self.data; training batches by `image_batch`."""
+
     progress_fields = ("loss", "nfe")
 
     @staticmethod
@@ -170,6 +171,17 @@ class ODENetClassification(Experiment):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.data = load_images(cfg.data, ctx.dtype, ctx.config_file)
+
+    def batch(self, step):
+        return image_batch(self.data, self.cfg, step)
+
+
+class ODENetClassification(ImageExperiment):
+    Config = Config
+    title = "Image classification: ODE-Net and baselines (Table 1)"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
         self._eval = eqx.filter_jit(self._eval_batch)
 
     def init_models(self, key):
@@ -180,9 +192,6 @@ class ODENetClassification(Experiment):
                                         k), self.ctx.dtype)
             for name, k in zip(self.cfg.model.names, keys)
         }
-
-    def batch(self, step):
-        return image_batch(self.data, self.cfg, step)
 
     def loss(self, models, batch, key):
         total, metrics = 0.0, {}

@@ -114,15 +114,27 @@ class _ContinuousFlow(_Flow):
     otherwise from D Jacobian-vector products."""
 
     func: eqx.AbstractVar[eqx.Module]
-    t0: eqx.AbstractVar[float]
-    t1: eqx.AbstractVar[float]
-    trace: eqx.AbstractVar[str]
-    noise: eqx.AbstractVar[str]
-    solver: eqx.AbstractVar[str]
-    rtol: eqx.AbstractVar[float]
-    atol: eqx.AbstractVar[float]
-    adjoint: eqx.AbstractVar[str]
-    max_steps: eqx.AbstractVar[int]
+    dim: int = eqx.field(static=True)
+    base_std: float = eqx.field(static=True)
+    t0: float = eqx.field(static=True)
+    t1: float = eqx.field(static=True)
+    trace: str = eqx.field(static=True)
+    noise: str = eqx.field(static=True)
+    solver: str = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    adjoint: str = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def _set_options(self, *, dim, base_std, t0, t1, trace, noise, solver, rtol, atol,
+                     adjoint, max_steps):
+        """Every option but func, checked; called by the subclasses' __init__."""
+        check_choice("trace", trace, TRACES)
+        check_choice("noise", noise, NOISES)
+        self.dim, self.base_std, self.t0, self.t1 = dim, base_std, t0, t1
+        self.trace, self.noise = trace, noise
+        self.solver, self.rtol, self.atol = solver, rtol, atol
+        self.adjoint, self.max_steps = adjoint, max_steps
 
     def _noise(self, key, shape, dtype):
         if self.trace == "exact":
@@ -247,17 +259,6 @@ class CNF(_ContinuousFlow):
     """
 
     func: PlanarField
-    dim: int = eqx.field(static=True)
-    base_std: float = eqx.field(static=True)
-    t0: float = eqx.field(static=True)
-    t1: float = eqx.field(static=True)
-    trace: str = eqx.field(static=True)
-    noise: str = eqx.field(static=True)
-    solver: str = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    adjoint: str = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
 
     def __init__(
         self, *, dim: int = 2, width: int = 64, hyper_hidden: int = 32, base_std: float = 1.0,
@@ -265,13 +266,10 @@ class CNF(_ContinuousFlow):
         solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
         adjoint: str = "backsolve", max_steps: int = 4096, key,
     ):
-        check_choice("trace", trace, TRACES)
-        check_choice("noise", noise, NOISES)
+        self._set_options(dim=dim, base_std=base_std, t0=t0, t1=t1, trace=trace, noise=noise,
+                          solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                          max_steps=max_steps)
         self.func = PlanarField(dim=dim, width=width, hyper_hidden=hyper_hidden, key=key)
-        self.dim, self.base_std, self.t0, self.t1 = dim, base_std, t0, t1
-        self.trace, self.noise = trace, noise
-        self.solver, self.rtol, self.atol = solver, rtol, atol
-        self.adjoint, self.max_steps = adjoint, max_steps
 
 
 class FFJORD(_ContinuousFlow):
@@ -281,17 +279,6 @@ class FFJORD(_ContinuousFlow):
     `trace="exact"` also works). Methods as every flow (module docstring)."""
 
     func: ConcatMLPField
-    dim: int = eqx.field(static=True)
-    base_std: float = eqx.field(static=True)
-    t0: float = eqx.field(static=True)
-    t1: float = eqx.field(static=True)
-    trace: str = eqx.field(static=True)
-    noise: str = eqx.field(static=True)
-    solver: str = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    adjoint: str = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
 
     def __init__(
         self, *, dim: int = 2, hidden: tuple = (64, 64), activation=jnp.tanh,
@@ -299,13 +286,10 @@ class FFJORD(_ContinuousFlow):
         noise: str = "gaussian", solver: str = "dopri5", rtol: float = 1e-5,
         atol: float = 1e-5, adjoint: str = "backsolve", max_steps: int = 4096, key,
     ):
-        check_choice("trace", trace, TRACES)
-        check_choice("noise", noise, NOISES)
+        self._set_options(dim=dim, base_std=base_std, t0=t0, t1=t1, trace=trace, noise=noise,
+                          solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                          max_steps=max_steps)
         self.func = ConcatMLPField(dim=dim, hidden=tuple(hidden), activation=activation, key=key)
-        self.dim, self.base_std, self.t0, self.t1 = dim, base_std, t0, t1
-        self.trace, self.noise = trace, noise
-        self.solver, self.rtol, self.atol = solver, rtol, atol
-        self.adjoint, self.max_steps = adjoint, max_steps
 
 
 class PlanarFlow(_Flow):
