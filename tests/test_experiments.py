@@ -76,6 +76,12 @@ def test_random_shift_translates_with_zero_fill():
     assert np.array_equal(shifted, data.random_shift(x, 2, np.random.default_rng(3)))
 
 
+def test_negative_augment_shift_is_refused_by_name():
+    config = os.path.join(ROOT, "configs", "odenet_digits_quick.yaml")
+    with pytest.raises(ConfigError, match="'data.augment_shift'.*>= 0"):
+        load_config(config, ["data.augment_shift=-1"])
+
+
 def test_batch_indices_cover_each_epoch_once_and_repeat():
     n, b = 10, 3
     epoch0 = np.concatenate([data.batch_indices(n, b, s, seed=4) for s in range(3)])
