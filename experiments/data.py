@@ -185,13 +185,15 @@ class Spirals:
     the last n_window the extrapolation targets.
 
     ts: (2 n_window,) times from 0; clean, noisy: (N, 2 n_window, 2); clockwise: (N,);
-    obs_mask: (N, n_window) with n_obs True per spiral."""
+    obs_mask: (N, n_window) with n_obs True per spiral; starts: (N,) the index of each
+    window's first point on its spiral of n_total points."""
 
     ts: np.ndarray
     clean: np.ndarray
     noisy: np.ndarray
     clockwise: np.ndarray
     obs_mask: np.ndarray
+    starts: np.ndarray
 
     @property
     def n_window(self) -> int:
@@ -199,7 +201,7 @@ class Spirals:
 
     def subset(self, index) -> Spirals:
         return Spirals(self.ts, self.clean[index], self.noisy[index], self.clockwise[index],
-                       self.obs_mask[index])
+                       self.obs_mask[index], self.starts[index])
 
 
 def make_spirals(
@@ -241,7 +243,7 @@ def make_spirals(
     for i in range(n_spirals):
         obs_mask[i, rng.choice(n_window, size=n_obs, replace=False)] = True
     ts = orig_ts[:length].astype(np.float32)
-    return Spirals(ts, clean, noisy, clockwise, obs_mask)
+    return Spirals(ts, clean, noisy, clockwise, obs_mask, starts)
 
 
 # ------------------------------------------------------------------ 2-D densities

@@ -186,6 +186,12 @@ def test_spirals_shapes_halves_and_determinism():
     np.testing.assert_array_equal(s.obs_mask, t.obs_mask)
     sub = s.subset(np.arange(5))
     assert sub.clean.shape == (5, 40, 2) and sub.n_window == 20
+    np.testing.assert_array_equal(sub.starts, s.starts[:5])
+    # each window starts at its recorded point of the n_total-point curve
+    assert ((s.starts >= 0) & (s.starts <= 100 - 40)).all()
+    t_start = s.starts[~s.clockwise] * 6 * np.pi / 99
+    expected = np.stack([0.3 * t_start * np.cos(t_start) + 5, 0.3 * t_start * np.sin(t_start)], 1)
+    np.testing.assert_allclose(s.clean[~s.clockwise][:, 0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="n_obs"):
         data.make_spirals(n_window=10, n_obs=11)
 

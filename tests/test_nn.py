@@ -322,6 +322,13 @@ def test_latent_ode_elbo_improves_with_training():
     np.testing.assert_allclose(pred[0], at_t0, rtol=1e-12)
 
 
+def test_latent_ode_dynamics_depth():
+    # dyn_depth=2: the authors' released dynamics network, two hidden layers of 20 units
+    deep = nn.LatentODE(dyn_depth=2, key=KEY).func.mlp
+    assert [layer.weight.shape for layer in deep.layers] == [(20, 4), (20, 20), (4, 20)]
+    assert len(nn.LatentODE(key=KEY).func.mlp.layers) == 2
+
+
 def test_latent_ode_poisson_likelihood():
     ts, xs = _spirals(KEY, n=1, t=6)
     model = nn.LatentODE(poisson=True, learn_std=True, rtol=1e-8, atol=1e-10, key=KEY)

@@ -183,15 +183,16 @@ class _Intensity(eqx.Module):
 class LatentODE(eqx.Module):
     """The latent ODE model (the paper's Section 5, Figure 6).
 
-    Generative model: z0 ~ N(0, I); z(t) solves dz/dt = f(z) (an MLP, `dyn_hidden`
-    units, ELU) from z0 at ts[0]; x(t_i) ~ N(decoder(z(t_i)), obs_std^2 I) with the
-    decoder an MLP of `dec_hidden` units (ReLU). Recognition: q(z0 | x) from an
-    `RNNEncoder` run backwards (`encoder="gru"` or `"rnn"`, `rec_hidden` units) or an
-    `ODERNNEncoder` (`encoder="odernn"`). `learn_std=True` learns the observation noise
-    (starting at obs_std). `poisson=True` adds an intensity λ(z) = softplus(MLP(z)) and
-    the Poisson process likelihood of the observation times, log p = Σ_i log λ(z(t_i))
-    - ∫ λ(z(t)) dt over [ts[0], ts[-1]], with the integral carried as an extra ODE
-    state. The solver options are those of `jaxode.odeint` (the paper used 1.5e-8).
+    Generative model: z0 ~ N(0, I); z(t) solves dz/dt = f(z) (an MLP of `dyn_depth`
+    hidden layers of `dyn_hidden` units, ELU) from z0 at ts[0]; x(t_i) ~
+    N(decoder(z(t_i)), obs_std^2 I) with the decoder an MLP of `dec_hidden` units
+    (ReLU). Recognition: q(z0 | x) from an `RNNEncoder` run backwards (`encoder="gru"`
+    or `"rnn"`, `rec_hidden` units) or an `ODERNNEncoder` (`encoder="odernn"`).
+    `learn_std=True` learns the observation noise (starting at obs_std). `poisson=True`
+    adds an intensity λ(z) = softplus(MLP(z)) and the Poisson process likelihood of the
+    observation times, log p = Σ_i log λ(z(t_i)) - ∫ λ(z(t)) dt over [ts[0], ts[-1]],
+    with the integral carried as an extra ODE state. The solver options are those of
+    `jaxode.odeint` (the paper used 1.5e-8).
 
     Methods (one sequence; see the module docstring): `encode`, `elbo`, `elbo_terms`,
     `trajectory`, `decode`, `predict`, `reconstruct`, `sample_prior`,
@@ -218,6 +219,7 @@ class LatentODE(eqx.Module):
         latent_dim: int = 4,
         rec_hidden: int = 25,
         dyn_hidden: int = 20,
+        dyn_depth: int = 1,
         dec_hidden: int = 20,
         encoder: str = "gru",
         obs_std: float = 0.3,
@@ -243,7 +245,8 @@ class LatentODE(eqx.Module):
                 cell=encoder, key=k1,
             )
         self.func = _MLPField(
-            eqx.nn.MLP(latent_dim, latent_dim, dyn_hidden, 1, activation=jax.nn.elu, key=k2)
+            eqx.nn.MLP(latent_dim, latent_dim, dyn_hidden, dyn_depth, activation=jax.nn.elu,
+                       key=k2)
         )
         self.decoder = eqx.nn.MLP(latent_dim, obs_dim, dec_hidden, 1, key=k3)
         self.intensity = (
