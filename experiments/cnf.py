@@ -1,9 +1,10 @@
 """kinds: cnf_density_matching and cnf_ml — continuous normalizing flows (Section 4).
 
 cnf_density_matching (Figure 4): for each unnormalised target log p̃ (Rezende & Mohamed's
-U1..U4), a planar CNF of width M and a planar NF of depth K = M are fitted by
-minimising the reverse KL, E_q[log q(x) - log p̃(x)] (= KL(q||p) - log Z), with samples
-of the flow. The CNF reaches the lower loss in the paper.
+U1..U4) and each width M in `model.widths` (the paper: 2, 8, 32), a planar CNF of width
+M and a planar NF of depth K = M are fitted by minimising the reverse KL,
+E_q[log q(x) - log p̃(x)] (= KL(q||p) - log Z), with samples of the flow. The CNF
+reaches the lower loss in the paper.
 
 cnf_ml (Figures 5-6): maximum likelihood on 2-D data (two moons, two circles, ...),
 fresh samples every step; a CNF (width 64 in the paper) against a planar NF (64
@@ -33,26 +34,49 @@ from .runner import Experiment
 
 
 @dataclass(kw_only=True)
-class FlowModels:
-    cnf: Literal["cnf", "ffjord"] = "cnf"
-    width: int = 32  # CNF hidden units M (planar field) ...
-    hidden: list[int] = field(default_factory=lambda: [64, 64])  # ... or FFJORD MLP sizes
+class FlowOptions:
+    """What both flow experiments' models share."""
+
+    cnf: Literal["cnf", "ffjord"] = "cnf"  # the planar CNF, or FFJORD ...
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # ... with these MLP sizes
     hyper_hidden: int = 32
     t0: float = 0.0
     t1: float = 1.0
     base_std: float = 1.0
     trace: Literal["exact", "hutchinson"] = "exact"
-    nf_layers: int | None = None  # planar NF depth K; default K = width
     baseline: bool = True  # train the planar NF baseline too
 
     def check(self):
         errors = {}
-        if self.width < 1:
-            errors["width"] = f"must be positive, got {self.width}"
         if self.t1 == self.t0:
             errors["t1"] = "must differ from t0"
         if not self.base_std > 0:
             errors["base_std"] = f"must be positive, got {self.base_std}"
+        return errors
+
+
+@dataclass(kw_only=True)
+class MLModels(FlowOptions):
+    width: int = 32  # CNF hidden units M (planar field)
+    nf_layers: int | None = None  # planar NF depth K; default K = width
+
+    def check(self):
+        errors = super().check()
+        if self.width < 1:
+            errors["width"] = f"must be positive, got {self.width}"
+        return errors
+
+
+@dataclass(kw_only=True)
+class MatchingModels(FlowOptions):
+    widths: list[int] = field(default_factory=lambda: [32])  # each M, with an NF of K = M
+
+    def check(self):
+        errors = super().check()
+        if not self.widths or min(self.widths) < 1 or len(set(self.widths)) < len(self.widths):
+            errors["widths"] = f"list distinct positive widths, got {self.widths}"
+        elif self.cnf == "ffjord" and len(self.widths) > 1:
+            errors["widths"] = "FFJORD has no width M: list one (the planar NF's K)"
         return errors
 
 
@@ -69,7 +93,7 @@ class MatchingData:
 @dataclass(kw_only=True)
 class MatchingConfig(RunConfig):
     data: MatchingData = field(default_factory=MatchingData)
-    model: FlowModels = field(default_factory=FlowModels)
+    model: MatchingModels = field(default_factory=MatchingModels)
 
 
 @dataclass(kw_only=True)
@@ -86,27 +110,28 @@ class MLData:
 @dataclass(kw_only=True)
 class MLConfig(RunConfig):
     data: MLData = field(default_factory=MLData)
-    model: FlowModels = field(default_factory=FlowModels)
+    model: MLModels = field(default_factory=MLModels)
 
 
-def build_flows(cfg, names: list[str], key) -> dict:
-    """{f"cnf_{name}": CNF or FFJORD, f"nf_{name}": PlanarFlow} for each name."""
+def build_flows(cfg, sizes: dict[str, tuple[int, int]], key) -> dict:
+    """{f"cnf_{name}": CNF (width M) or FFJORD, f"nf_{name}": PlanarFlow (K layers)} for
+    each name: (M, K) in sizes."""
     from jaxode import nn
 
     m, s = cfg.model, cfg.solver
     models = {}
-    for name, k in zip(names, jax.random.split(key, len(names))):
+    for (name, (width, depth)), k in zip(sizes.items(), jax.random.split(key, len(sizes))):
         k1, k2 = jax.random.split(k)
         common = dict(dim=2, base_std=m.base_std, t0=m.t0, t1=m.t1, trace=m.trace,
                       solver=s.method, rtol=s.rtol, atol=s.atol, adjoint=s.adjoint,
                       max_steps=s.max_steps, key=k1)
         if m.cnf == "cnf":
-            models[f"cnf_{name}"] = nn.CNF(width=m.width, hyper_hidden=m.hyper_hidden, **common)
+            models[f"cnf_{name}"] = nn.CNF(width=width, hyper_hidden=m.hyper_hidden, **common)
         else:
             models[f"cnf_{name}"] = nn.FFJORD(hidden=tuple(m.hidden), **common)
         if m.baseline:
-            models[f"nf_{name}"] = nn.PlanarFlow(dim=2, num_layers=m.nf_layers or m.width,
-                                                 base_std=m.base_std, key=k2)
+            models[f"nf_{name}"] = nn.PlanarFlow(dim=2, num_layers=depth, base_std=m.base_std,
+                                                 key=k2)
     return {k: cast(v, np.dtype(cfg.dtype)) for k, v in models.items()}
 
 
@@ -167,10 +192,10 @@ def grid(lim: float, n: int):
 
 class _FlowExperiment(Experiment):
     progress_fields = ("loss", "nfe")
-    names: list[str]
+    sizes: dict[str, tuple[int, int]]  # flow pair name -> (CNF width M, NF depth K)
 
     def init_models(self, key):
-        return build_flows(self.cfg, self.names, key)
+        return build_flows(self.cfg, self.sizes, key)
 
     def _samples_jit(self):
         if not hasattr(self, "_sampler"):
@@ -194,8 +219,10 @@ class DensityMatching(_FlowExperiment):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.names = list(cfg.data.targets)
-        self.targets = {name: datasets.log_target(name) for name in self.names}
+        # one CNF/NF pair per (target, width), named "U1_M8"
+        self.pair_target = {f"{t}_M{w}": t for t in cfg.data.targets for w in cfg.model.widths}
+        self.sizes = {f"{t}_M{w}": (w, w) for t in cfg.data.targets for w in cfg.model.widths}
+        self.targets = {t: datasets.log_target(t) for t in cfg.data.targets}
         self._kl = eqx.filter_jit(self._kl_all)
 
     def batch(self, step):
@@ -205,14 +232,16 @@ class DensityMatching(_FlowExperiment):
         x, log_q, nfe = sample_and_log_q(model, key, n, self.ctx.dtype)
         return jnp.mean(log_q - target(x)), nfe
 
+    def _target_of(self, name):
+        return self.targets[self.pair_target[name.split("_", 1)[1]]]
+
     def loss(self, models, batch, key):
         return sum_over_flows(models, key, lambda name, model, k: self._kl_one(
-            model, self.targets[name.split("_", 1)[1]], k, self.cfg.data.samples), "kl")
+            model, self._target_of(name), k, self.cfg.data.samples), "kl")
 
     def _kl_all(self, models, key):
         keys = jax.random.split(key, len(models))
-        return {name: self._kl_one(model, self.targets[name.split("_", 1)[1]], k,
-                                   self.cfg.data.eval_samples)
+        return {name: self._kl_one(model, self._target_of(name), k, self.cfg.data.eval_samples)
                 for (name, model), k in zip(sorted(models.items()), keys)}
 
     def evaluate(self, models, step):
@@ -224,35 +253,44 @@ class DensityMatching(_FlowExperiment):
         final = log.split("eval")[-1]
         m = self.cfg.model
         rows = []
-        for target in self.names:
-            row = {"target": target,
-                   f"CNF (M={m.width}) loss": final[f"cnf_{target}/kl"],
-                   "CNF NFE": final.get(f"cnf_{target}/nfe", "-")}
-            if m.baseline:
-                row[f"NF (K={m.nf_layers or m.width}) loss"] = final[f"nf_{target}/kl"]
+        for target in self.cfg.data.targets:
+            row = {"target": target}
+            for w in m.widths:
+                row[f"CNF M={w}"] = final[f"cnf_{target}_M{w}/kl"]
+                if m.baseline:
+                    row[f"NF K={w}"] = final[f"nf_{target}_M{w}/kl"]
+            row["CNF NFE"] = "/".join(
+                f"{final[key]:.0f}" if key in final else "-"
+                for key in (f"cnf_{target}_M{w}/nfe" for w in m.widths))
             rows.append(row)
         figures = [self._plot(models, out)]
         curves = plot_curves(log.split("train"), [f"{n}/kl" for n in sorted(models)], out,
                              "training.png", "E_q[log q - log p~] during training")
         figures += [curves] if curves else []
         notes = ["loss = E_q[log q(x) - log p~(x)] = KL(q||p) - log Z, estimated with "
-                 f"{self.cfg.data.eval_samples} samples; lower is better"]
+                 f"{self.cfg.data.eval_samples} samples; lower is better",
+                 "CNF NFE: forward evaluations of the sampling solve, for M = "
+                 + "/".join(map(str, m.widths))]
         return Report(self.title, rows, figures=figures, notes=notes)
 
     def _plot(self, models, out):
         plt = pyplot()
-        kinds = ["target", "cnf"] + (["nf"] if self.cfg.model.baseline else [])
-        fig, axes = plt.subplots(len(self.names), len(kinds),
-                                 figsize=(3 * len(kinds), 3 * len(self.names)), squeeze=False)
+        m = self.cfg.model
+        panels = [(kind, w) for w in m.widths
+                  for kind in (("cnf", "nf") if m.baseline else ("cnf",))]
+        targets = self.cfg.data.targets
+        fig, axes = plt.subplots(len(targets), 1 + len(panels),
+                                 figsize=(2.6 * (1 + len(panels)), 2.6 * len(targets)),
+                                 squeeze=False)
         gx, gy, points = grid(4.0, 200)
-        for row, target in zip(axes, self.names):
+        for row, target in zip(axes, targets):
             density = np.exp(np.asarray(self.targets[target](jnp.asarray(points))))
             row[0].pcolormesh(gx, gy, density.reshape(gx.shape), shading="auto")
             row[0].set_title(f"{target}: target")
-            for ax, kind in zip(row[1:], kinds[1:]):
-                x = self._sample(models[f"{kind}_{target}"], 20_000)
+            for ax, (kind, w) in zip(row[1:], panels):
+                x = self._sample(models[f"{kind}_{target}_M{w}"], 20_000)
                 ax.hist2d(x[:, 0], x[:, 1], bins=100, range=[[-4, 4], [-4, 4]])
-                ax.set_title(f"{target}: {kind.upper()} samples")
+                ax.set_title(f"{target}: " + (f"CNF M={w}" if kind == "cnf" else f"NF K={w}"))
         for ax in axes.ravel():
             ax.set_xticks([])
             ax.set_yticks([])
@@ -268,6 +306,8 @@ class MaxLikelihood(_FlowExperiment):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.names = list(cfg.data.datasets)
+        m = cfg.model
+        self.sizes = {name: (m.width, m.nf_layers or m.width) for name in self.names}
         self.test = {name: datasets.sample_2d(name, cfg.data.test_samples,
                                               [cfg.seed, 1, i]).astype(ctx.dtype)
                      for i, name in enumerate(self.names)}

@@ -105,6 +105,14 @@ def test_semantic_checks_are_named(tmp_path, capsys):
     assert "'train.steps'" in err
     err = config_error(tmp_path, capsys, {**TINY, "kind": "nope"})
     assert "'kind'" in err and "ode_demo" in err
+    matching = os.path.join(ROOT, "configs", "cnf_density_matching_quick.yaml")
+    for widths in ("[]", "[8, 8]", "[0, 2]"):
+        with pytest.raises(ConfigError, match="'model.widths'.*distinct positive"):
+            load_config(matching, [f"model.widths={widths}"])
+    with pytest.raises(ConfigError, match="'model.widths'.*FFJORD"):
+        load_config(matching, ["model.cnf=ffjord"])
+    with pytest.raises(ConfigError, match="'model.width'.*did you mean 'model.widths'"):
+        load_config(matching, ["model.width=8"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path, capsys):
