@@ -214,15 +214,21 @@ def make_spirals(
     a: float = 0.0,
     b: float = 0.3,
     seed: int = 0,
+    max_start: int | None = None,
 ) -> Spirals:
     """Half clockwise, half counter-clockwise spirals (the authors' construction: r =
     a + 50 b / (stop + 1 - t) centred at (-5, 0), and r = a + b t centred at (5, 0),
-    t in [0, stop] on n_total points), each starting at a random point, plus Gaussian
-    noise of `noise_std`."""
+    t in [0, stop] on n_total points), each starting at a random point in [0, max_start],
+    plus Gaussian noise of `noise_std`. max_start defaults to n_total - 2 n_window, so
+    that every extrapolation window is on the curve; up to n_total - n_window, the
+    windows observe the whole curve, and the points past its end are NaN."""
     if not 1 <= n_obs <= n_window:
         raise ValueError(f"n_obs: expected 1 <= n_obs <= n_window={n_window}, got {n_obs}")
     if 2 * n_window > n_total:
         raise ValueError(f"n_total: must be at least 2 * n_window = {2 * n_window}")
+    max_start = n_total - 2 * n_window if max_start is None else max_start
+    if not 0 <= max_start <= n_total - n_window:
+        raise ValueError(f"max_start: expected 0..{n_total - n_window}, got {max_start}")
     rng = np.random.default_rng(seed)
     orig_ts = np.linspace(0.0, stop, n_total)
     zs_cw = stop + 1.0 - orig_ts
@@ -232,9 +238,11 @@ def make_spirals(
     cc = np.stack([r_cc * np.cos(orig_ts) + 5.0, r_cc * np.sin(orig_ts)], axis=1)
 
     length = 2 * n_window
+    past_end = np.full((n_window, 2), np.nan)
+    cw, cc = np.concatenate([cw, past_end]), np.concatenate([cc, past_end])
     clockwise = np.arange(n_spirals) < n_spirals // 2
     rng.shuffle(clockwise)
-    starts = rng.integers(0, n_total - length + 1, size=n_spirals)
+    starts = rng.integers(0, max_start + 1, size=n_spirals)
     clean = np.stack(
         [(cw if c else cc)[s : s + length] for c, s in zip(clockwise, starts)]
     ).astype(np.float32)

@@ -39,6 +39,10 @@ class SpiralData:
     b: float = 0.3
     test_fraction: float = 0.2
     data_seed: int = 0
+    # Training windows start anywhere their observed window fits, so that together they
+    # observe the whole curve (as the authors' sampling does); test windows keep room
+    # for the extrapolation. Off: both start where the extrapolation fits.
+    observe_to_end: bool = False
 
     def check(self):
         errors = {}
@@ -87,15 +91,20 @@ class LatentODESpirals(Experiment):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         d = cfg.data
-        spirals = datasets.make_spirals(
-            n_spirals=d.n_spirals, n_window=d.n_window, n_obs=d.n_obs, noise_std=d.noise_std,
-            n_total=d.n_total, stop=d.stop, b=d.b, seed=d.data_seed,
-        )
-        perm = np.random.default_rng(d.data_seed + 1).permutation(d.n_spirals)
+        shape = dict(n_window=d.n_window, n_obs=d.n_obs, noise_std=d.noise_std,
+                     n_total=d.n_total, stop=d.stop, b=d.b)
         n_test = max(1, int(round(d.n_spirals * d.test_fraction)))
-        self.train, self.test = spirals.subset(np.sort(perm[n_test:])), spirals.subset(
-            np.sort(perm[:n_test]))
-        self.ts = spirals.ts.astype(ctx.dtype)
+        if d.observe_to_end:
+            self.test = datasets.make_spirals(n_spirals=n_test, seed=d.data_seed, **shape)
+            self.train = datasets.make_spirals(
+                n_spirals=d.n_spirals - n_test, seed=d.data_seed + 2,
+                max_start=d.n_total - d.n_window, **shape)
+        else:
+            spirals = datasets.make_spirals(n_spirals=d.n_spirals, seed=d.data_seed, **shape)
+            perm = np.random.default_rng(d.data_seed + 1).permutation(d.n_spirals)
+            self.train, self.test = spirals.subset(np.sort(perm[n_test:])), spirals.subset(
+                np.sort(perm[:n_test]))
+        self.ts = self.test.ts.astype(ctx.dtype)
         self._eval = eqx.filter_jit(self._predict)
 
     def init_models(self, key):
@@ -172,11 +181,14 @@ class LatentODESpirals(Experiment):
                                     self.cfg.train.eval_batch_size)
 
     def covered(self) -> np.ndarray:
-        """Which test spirals' extrapolation windows lie where some training window
-        observed the same spiral (training windows reach index n_total - n_window - 1;
-        beyond it, the clockwise spiral's radius grows to 15, never seen in training)."""
-        d = self.cfg.data
-        return self.test.starts + 2 * d.n_window <= d.n_total - d.n_window
+        """Which test spirals' extrapolation windows lie where training windows observed
+        the curve (unless data.observe_to_end, those stop n_window points before its end,
+        where the clockwise spiral's radius grows to 15)."""
+        w = self.cfg.data.n_window
+        reach = {c: np.max(self.train.starts[self.train.clockwise == c], initial=-w) + w
+                 for c in (True, False)}
+        return self.test.starts + 2 * w <= np.where(self.test.clockwise, reach[True],
+                                                    reach[False])
 
     def evaluate(self, models, step):
         w = self.cfg.data.n_window

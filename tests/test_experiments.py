@@ -196,6 +196,38 @@ def test_spirals_shapes_halves_and_determinism():
         data.make_spirals(n_window=10, n_obs=11)
 
 
+def test_spirals_windows_can_observe_the_whole_curve():
+    s = data.make_spirals(n_spirals=40, n_window=20, n_obs=7, n_total=100, seed=3,
+                          max_start=80)
+    assert s.starts.max() > 60  # past where an extrapolation window would fit
+    assert np.isfinite(s.noisy[:, :20]).all()  # the observed window is on the curve
+    for clean, start in zip(s.clean, s.starts):
+        on_curve = min(40, 100 - start)
+        assert np.isfinite(clean[:on_curve]).all() and np.isnan(clean[on_curve:]).all()
+    with pytest.raises(ValueError, match="max_start"):
+        data.make_spirals(n_window=100, n_total=1000, max_start=901)
+
+
+def test_latent_experiment_splits_and_covered_spirals(tmp_path):
+    from experiments.parallel import DataParallel
+    from experiments.runner import Context
+
+    path = os.path.join(ROOT, "configs", "latent_ode_spirals_quick.yaml")
+    covered = {}
+    for observe_to_end in (False, True):
+        cls, cfg = load_config(path, [f"data.observe_to_end={observe_to_end}"])
+        ctx = Context(cfg, str(tmp_path), path, DataParallel(), np.dtype("float32"))
+        experiment = cls(cfg, ctx)
+        d = cfg.data
+        assert len(experiment.train.starts) + len(experiment.test.starts) == d.n_spirals
+        assert experiment.test.starts.max() <= d.n_total - 2 * d.n_window
+        reach = experiment.train.starts.max() + d.n_window
+        assert reach > d.n_total - d.n_window if observe_to_end else reach <= d.n_total - d.n_window
+        covered[observe_to_end] = experiment.covered()
+    # covered: the test windows whose extrapolation ends where training windows reach
+    assert 0 < covered[False].mean() < 0.95 < covered[True].mean()
+
+
 def test_spirals_rotate_both_ways():
     s = data.make_spirals(n_spirals=10, n_window=50, n_obs=5, noise_std=0.0, seed=0)
     for clean, cw in zip(s.clean, s.clockwise):
