@@ -220,7 +220,6 @@ class DensityMatching(_FlowExperiment):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         # one CNF/NF pair per (target, width), named "U1_M8"
-        self.pair_target = {f"{t}_M{w}": t for t in cfg.data.targets for w in cfg.model.widths}
         self.sizes = {f"{t}_M{w}": (w, w) for t in cfg.data.targets for w in cfg.model.widths}
         self.targets = {t: datasets.log_target(t) for t in cfg.data.targets}
         self._kl = eqx.filter_jit(self._kl_all)
@@ -233,7 +232,7 @@ class DensityMatching(_FlowExperiment):
         return jnp.mean(log_q - target(x)), nfe
 
     def _target_of(self, name):
-        return self.targets[self.pair_target[name.split("_", 1)[1]]]
+        return self.targets[name.split("_")[1]]  # name: "cnf_U1_M8" or "nf_U1_M8"
 
     def loss(self, models, batch, key):
         return sum_over_flows(models, key, lambda name, model, k: self._kl_one(
