@@ -228,6 +228,24 @@ def test_latent_experiment_splits_and_covered_spirals(tmp_path):
     assert 0 < covered[False].mean() < 0.95 < covered[True].mean()
 
 
+def test_density_matching_has_a_flow_pair_per_target_and_width(tmp_path):
+    import jax
+
+    from experiments.parallel import DataParallel
+    from experiments.runner import Context
+
+    path = os.path.join(ROOT, "configs", "cnf_density_matching_quick.yaml")
+    cls, cfg = load_config(path, ["model.widths=[2, 3]", "data.targets=[U1, U3]"])
+    ctx = Context(cfg, str(tmp_path), path, DataParallel(), np.dtype("float32"))
+    models = cls(cfg, ctx).init_models(jax.random.PRNGKey(0))
+    pairs = [f"{t}_M{w}" for t in ("U1", "U3") for w in (2, 3)]
+    assert sorted(models) == sorted([f"cnf_{p}" for p in pairs] + [f"nf_{p}" for p in pairs])
+    for p in pairs:
+        width = int(p.split("_M")[1])
+        assert models[f"cnf_{p}"].func.width == width  # CNF width M ...
+        assert models[f"nf_{p}"].w.shape == (width, 2)  # ... and an NF of K = M layers
+
+
 def test_spirals_rotate_both_ways():
     s = data.make_spirals(n_spirals=10, n_window=50, n_obs=5, noise_std=0.0, seed=0)
     for clean, cw in zip(s.clean, s.clockwise):
