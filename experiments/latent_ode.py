@@ -74,6 +74,8 @@ class LatentModels:
     def check(self):
         if not self.names:
             return {"names": "list at least one model"}
+        if self.dyn_depth < 0:
+            return {"dyn_depth": f"must be 0 or more hidden layers, got {self.dyn_depth}"}
         return {}
 
 

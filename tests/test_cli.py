@@ -113,6 +113,9 @@ def test_semantic_checks_are_named(tmp_path, capsys):
         load_config(matching, ["model.cnf=ffjord"])
     with pytest.raises(ConfigError, match="'model.width'.*did you mean 'model.widths'"):
         load_config(matching, ["model.width=8"])
+    spirals = os.path.join(ROOT, "configs", "latent_ode_spirals_quick.yaml")
+    with pytest.raises(ConfigError, match="'model.dyn_depth'.*got -1"):
+        load_config(spirals, ["model.dyn_depth=-1"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path, capsys):
