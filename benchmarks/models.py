@@ -100,8 +100,11 @@ def _tick(t):
         jax.debug.callback(lambda _: _COUNTER.append(1), t)
 
 
-def _count_jaxode(module):
-    """Patch `module.solve_module` (jaxode.nn's solve entry) so its field ticks."""
+def _count_jaxode():
+    """Patch `jaxode.nn._util.solve_module` (every jaxode.nn model's solve entry) so its
+    field ticks."""
+    from jaxode.nn import _util as module
+
     original = module.solve_module
 
     def counted(field, *args, **kwargs):
@@ -379,9 +382,7 @@ def section_cnf(repeats: int, use_torch: bool) -> dict:
     optimizer = optax.adam(LR)
     opt_state = optimizer.init(arrays)
 
-    import jaxode.nn.flows
-
-    _count_jaxode(jaxode.nn.flows)
+    _count_jaxode()
     rows: dict[str, dict] = {}
     fns = {}
     for name, loss in jax_loss_fns(cnfs, func_static).items():
@@ -489,10 +490,9 @@ def section_latent(repeats: int, dtype: str) -> dict:
     import jax.numpy as jnp
     import optax
 
-    import jaxode.nn.latent
     from jaxode.nn import LatentODE
 
-    _count_jaxode(jaxode.nn.latent)
+    _count_jaxode()
     tol = LAT_TOL[dtype]
     ts_np, xs_np = spirals(LAT_BATCH, LAT_T)
     ts, xs = jnp.asarray(ts_np, dtype), jnp.asarray(xs_np, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -52,3 +53,25 @@ def solve_module(field, z0, ts, module, **options):
     """`jaxode.solve(field, z0, ts, module, ..., dense=False)`: `field(z, t, module)`, the
     module's arrays differentiated and its other leaves closed over. Returns the Solution."""
     return api.solve(field, z0, ts, module, dense=False, **options)
+
+
+class SolverOptions(eqx.Module):
+    """Base of the models that solve ODEs: the options of `jaxode.odeint` they solve
+    with, static (changing one recompiles)."""
+
+    solver: str = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    adjoint: str = eqx.field(static=True)
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def _set_solver_options(self, *, solver, rtol, atol, adjoint, max_steps, dt0=None):
+        self.solver, self.rtol, self.atol, self.adjoint = solver, rtol, atol, adjoint
+        self.dt0, self.max_steps = dt0, max_steps
+
+    def _solve(self, field, z0, ts, params, **extra):
+        """`solve_module` with this model's solver options (and `extra` ones)."""
+        return solve_module(field, z0, ts, params, solver=self.solver, rtol=self.rtol,
+                            atol=self.atol, adjoint=self.adjoint, dt0=self.dt0,
+                            max_steps=self.max_steps, **extra)

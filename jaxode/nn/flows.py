@@ -24,7 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._util import check_choice, solve_module
+from ._util import SolverOptions, check_choice
 
 __all__ = [
     "exact_trace", "hutchinson_trace", "PlanarField", "ConcatMLPField", "CNF", "FFJORD",
@@ -107,7 +107,7 @@ class _Flow(eqx.Module):
         return jnp.mean(log_q - jax.vmap(log_target)(x))
 
 
-class _ContinuousFlow(_Flow):
+class _ContinuousFlow(_Flow, SolverOptions):
     """A CNF: dz/dt = func(z, t) on [t0, t1], with d ℓ/dt = tr ∂f/∂z integrated jointly
     (the instantaneous change of variables, d log p(z(t))/dt = -tr ∂f/∂z). The exact
     trace is the field's own `func.with_divergence(z, t)`."""
@@ -119,11 +119,6 @@ class _ContinuousFlow(_Flow):
     t1: float = eqx.field(static=True)
     trace: str = eqx.field(static=True)
     noise: str = eqx.field(static=True)
-    solver: str = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    adjoint: str = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
 
     def _set_options(self, *, dim, base_std, t0, t1, trace, noise, solver, rtol, atol,
                      adjoint, max_steps):
@@ -132,8 +127,8 @@ class _ContinuousFlow(_Flow):
         check_choice("noise", noise, NOISES)
         self.dim, self.base_std, self.t0, self.t1 = dim, base_std, t0, t1
         self.trace, self.noise = trace, noise
-        self.solver, self.rtol, self.atol = solver, rtol, atol
-        self.adjoint, self.max_steps = adjoint, max_steps
+        self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                                 max_steps=max_steps)
 
     def _noise(self, key, shape, dtype):
         if self.trace == "exact":
@@ -160,11 +155,7 @@ class _ContinuousFlow(_Flow):
             return jax.vmap(lambda v, e: hutchinson_trace(f, v, e))(state[0], eps)
 
         ts = jnp.asarray([t_start, t_end], zb.dtype)
-        sol = solve_module(
-            field, (zb, jnp.zeros(zb.shape[0], zb.dtype)), ts, (self.func, eps),
-            solver=self.solver, rtol=self.rtol, atol=self.atol, adjoint=self.adjoint,
-            max_steps=self.max_steps,
-        )
+        sol = self._solve(field, (zb, jnp.zeros(zb.shape[0], zb.dtype)), ts, (self.func, eps))
         z_end, integral = sol.zs[0][-1], sol.zs[1][-1]
         if single:
             z_end, integral = z_end[0], integral[0]

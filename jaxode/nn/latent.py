@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._util import check_choice, gaussian_log_prob, solve_module
+from ._util import SolverOptions, check_choice, gaussian_log_prob
 
 __all__ = [
     "RNNCell", "RNNEncoder", "ODERNNEncoder", "LatentODE", "RNNBaseline", "gaussian_kl",
@@ -105,28 +105,25 @@ class _MLPField(eqx.Module):
         return self.mlp(z)
 
 
-class ODERNNEncoder(eqx.Module):
+class ODERNNEncoder(SolverOptions):
     """ODE-RNN recognition network (Rubanova, Chen & Duvenaud 2019), run backwards in
     time: the hidden state h starts at zero at ts[-1], between consecutive observation
     times it evolves by dh/dt = MLP(h) (one `jaxode.odeint` per interval, from t_{i+1}
     back to t_i), and at each time with an observation a GRU reads [x * mask, mask].
     A linear map of h at ts[0] gives (mean, log_std) of q(z0 | x). h stays at zero
     until the latest observation (so trailing padding does not change the result).
-    The ODE solves use `solver`, `rtol`, `atol` and `adjoint` as `jaxode.odeint` does."""
+    The ODE solves use `solver`, `rtol`, `atol`, `adjoint` and `max_steps` as
+    `jaxode.odeint` does."""
 
     cell: eqx.nn.GRUCell
     func: _MLPField
     out: eqx.nn.Linear
     hidden_size: int = eqx.field(static=True)
-    solver: str = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    adjoint: str = eqx.field(static=True)
 
     def __init__(
         self, *, obs_dim: int = 2, hidden_size: int = 25, latent_dim: int = 4,
         ode_hidden: int = 25, solver: str = "dopri5", rtol: float = 1e-5,
-        atol: float = 1e-7, adjoint: str = "backsolve", key,
+        atol: float = 1e-7, adjoint: str = "backsolve", max_steps: int = 4096, key,
     ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.cell = eqx.nn.GRUCell(2 * obs_dim, hidden_size, key=k1)
@@ -135,7 +132,8 @@ class ODERNNEncoder(eqx.Module):
         )
         self.out = eqx.nn.Linear(hidden_size, 2 * latent_dim, key=k3)
         self.hidden_size = hidden_size
-        self.solver, self.rtol, self.atol, self.adjoint = solver, rtol, atol, adjoint
+        self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                                 max_steps=max_steps)
 
     def _update(self, h, x, m):
         return jnp.where(jnp.any(m > 0), self.cell(jnp.concatenate([x * m, m]), h), h)
@@ -148,9 +146,8 @@ class ODERNNEncoder(eqx.Module):
         def step(carry, inputs):
             h, seen = carry
             t_later, t, x, m = inputs
-            evolved = solve_module(
-                lambda z, t, func: func(z, t), h, jnp.stack([t_later, t]), self.func,
-                solver=self.solver, rtol=self.rtol, atol=self.atol, adjoint=self.adjoint,
+            evolved = self._solve(
+                lambda z, t, func: func(z, t), h, jnp.stack([t_later, t]), self.func
             ).zs[-1]
             # Before the latest observation (trailing padding) h stays at zero.
             h = jnp.where(seen, evolved, h)
@@ -180,7 +177,7 @@ class _Intensity(eqx.Module):
         return jax.nn.softplus(self.mlp(z)[0])
 
 
-class LatentODE(eqx.Module):
+class LatentODE(SolverOptions):
     """The latent ODE model (the paper's Section 5, Figure 6).
 
     Generative model: z0 ~ N(0, I); z(t) solves dz/dt = f(z) (an MLP of `dyn_depth`
@@ -206,11 +203,6 @@ class LatentODE(eqx.Module):
     log_obs_std: jax.Array | None
     obs_std: float = eqx.field(static=True)
     latent_dim: int = eqx.field(static=True)
-    solver: str = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    adjoint: str = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -237,7 +229,8 @@ class LatentODE(eqx.Module):
         if encoder == "odernn":
             self.encoder = ODERNNEncoder(
                 obs_dim=obs_dim, hidden_size=rec_hidden, latent_dim=latent_dim,
-                solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, key=k1,
+                solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, max_steps=max_steps,
+                key=k1,
             )
         else:
             self.encoder = RNNEncoder(
@@ -257,15 +250,12 @@ class LatentODE(eqx.Module):
         self.log_obs_std = jnp.asarray(math.log(obs_std)) if learn_std else None
         self.obs_std = obs_std
         self.latent_dim = latent_dim
-        self.solver, self.rtol, self.atol = solver, rtol, atol
-        self.adjoint, self.max_steps = adjoint, max_steps
+        self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                                 max_steps=max_steps)
 
     def _odeint(self, f, z0, ts, params):
         """(zs, stats) of the latent solve; stats["nfe"] the forward evaluations."""
-        sol = solve_module(
-            f, z0, ts, params, solver=self.solver, rtol=self.rtol, atol=self.atol,
-            adjoint=self.adjoint, max_steps=self.max_steps,
-        )
+        sol = self._solve(f, z0, ts, params)
         return sol.zs, sol.stats
 
     def _log_std(self, dtype):

@@ -22,7 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._util import check_choice, per_example, solve_module
+from ._util import SolverOptions, check_choice, per_example
 
 __all__ = [
     "ODEFunc", "ODEBlock", "ODENet", "RKNet", "ResBlock", "ResNet", "MLPClassifier",
@@ -101,7 +101,7 @@ class ODEFunc(eqx.Module):
         return per_example(lambda x: self._one(x, t), z, 3)
 
 
-class ODEBlock(eqx.Module):
+class ODEBlock(SolverOptions):
     """y = z(t1) where dz/dt = func(z, t), z(0) = x: the ODE-Net's continuous block.
 
     `func(z, t)` is any module; it is given x as it came (one example or a batch).
@@ -116,13 +116,7 @@ class ODEBlock(eqx.Module):
     """
 
     func: eqx.Module
-    solver: str = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
-    adjoint: str = eqx.field(static=True)
     t1: float = eqx.field(static=True)
-    dt0: float | None = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
     batch_mode: str = eqx.field(static=True)
 
     def __init__(
@@ -146,29 +140,16 @@ class ODEBlock(eqx.Module):
                 raise ValueError("key: needed to build the default ODEFunc when func is None")
             func = ODEFunc(channels=channels, key=key)
         self.func = func
-        self.solver = solver
-        self.rtol = rtol
-        self.atol = atol
-        self.adjoint = adjoint
+        self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                                 max_steps=max_steps, dt0=dt0)
         self.t1 = t1
-        self.dt0 = dt0
-        self.max_steps = max_steps
         self.batch_mode = batch_mode
 
     def solve(self, x):
         """(z(t1), stats) for z(0) = x."""
         ts = jnp.asarray([0.0, self.t1], dtype=x.dtype)
-        sol = solve_module(
-            lambda z, t, func: func(z, t),
-            x,
-            ts,
-            self.func,
-            solver=self.solver,
-            rtol=self.rtol,
-            atol=self.atol,
-            dt0=self.dt0,
-            max_steps=self.max_steps,
-            adjoint=self.adjoint,
+        sol = self._solve(
+            lambda z, t, func: func(z, t), x, ts, self.func,
             batch_axis=0 if self.batch_mode == "per_sample" else None,
         )
         return sol.zs[-1], sol.stats
