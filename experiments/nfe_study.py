@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -46,6 +47,9 @@ class StudyOptions:
     reference_tol: float = 1e-7
     probe_size: int = 64  # test images in the probe batch
     timing_repeats: int = 3
+    # The tolerance sweep's precision, whatever the training's (the top-level dtype):
+    # float64 keeps the reference solve accurate far below the tolerances.
+    dtype: Literal["float32", "float64"] = "float64"
 
     def check(self):
         errors = {}
@@ -76,6 +80,10 @@ class _Counter:
 class NFEStudy(ImageExperiment):
     Config = Config
     title = "ODE-Net NFE statistics (Figure 3)"
+
+    @classmethod
+    def needs_x64(cls, cfg) -> bool:
+        return "float64" in (cfg.dtype, cfg.study.dtype)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -130,9 +138,10 @@ class NFEStudy(ImageExperiment):
         logits = jax.vmap(model.head)(h)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
-    def measure(self, model, tol: float) -> dict:
-        """Forward NFE (solver stats and counted), backward NFE, forward output."""
-        x, y = self.probe
+    def measure(self, model, tol: float, probe=None) -> dict:
+        """Forward NFE (solver stats and counted), backward NFE, forward output, on the
+        probe batch (by default the training dtype's)."""
+        x, y = self.probe if probe is None else probe
         rtol = atol = self.ctx.parallel.replicate(jnp.asarray(tol, x.dtype))
         self.counter.count = 0
         out, nfe, _ = jax.block_until_ready(self._forward(model, x, rtol, atol, True))
@@ -145,8 +154,8 @@ class NFEStudy(ImageExperiment):
         return {"nfe_forward": float(to_numpy(nfe)), "nfe_forward_counted": forward,
                 "nfe_backward": total - forward, "output": to_numpy(out)}
 
-    def time_forward(self, model, tol: float) -> float:
-        x, _ = self.probe
+    def time_forward(self, model, tol: float, probe) -> float:
+        x, _ = probe
         rtol = atol = self.ctx.parallel.replicate(jnp.asarray(tol, x.dtype))
         jax.block_until_ready(self._forward(model, x, rtol, atol, False))
         times = []
@@ -171,27 +180,28 @@ class NFEStudy(ImageExperiment):
     # -------------------------------------------------------------- report
 
     def report(self, models, log):
-        model = models["odenet"]
         out = self.ctx.out_dir
         st = self.cfg.study
-        reference = self.measure(model, st.reference_tol)["output"]
+        model = cast(models["odenet"], np.dtype(st.dtype))
+        probe = (self.probe[0].astype(st.dtype), self.probe[1])
+        reference = self.measure(model, st.reference_tol, probe)["output"]
         rows = []
         for tol in sorted(st.tolerances, reverse=True):
-            m = self.measure(model, tol)
+            m = self.measure(model, tol, probe)
             error = float(np.linalg.norm(m["output"] - reference) / np.linalg.norm(reference))
             rows.append({"tolerance": tol, "forward NFE": m["nfe_forward"],
                          "backward NFE": m["nfe_backward"],
                          "backward/forward": m["nfe_backward"] / max(m["nfe_forward"], 1),
                          "relative error": error,
-                         "forward time (ms)": 1000 * self.time_forward(model, tol)})
+                         "forward time (ms)": 1000 * self.time_forward(model, tol, probe)})
         evals = log.split("eval")
         figures = [self._plot(rows, evals, out)]
         curves = plot_curves(log.split("train"), ["loss", "nfe"], out, "training.png",
                              "training loss and forward NFE")
         figures += [curves] if curves else []
         final = evals[-1] if evals else {}
-        notes = [f"probe batch: {len(self.probe[1])} test images; error relative to a solve "
-                 f"at tolerance {st.reference_tol}; final test error "
+        notes = [f"probe batch: {len(self.probe[1])} test images in {st.dtype}; error relative "
+                 f"to a solve at tolerance {st.reference_tol}; final test error "
                  f"{100 * final.get('test_error', float('nan')):.2f}%",
                  f"trained at rtol=atol={self.cfg.solver.rtol} with {self.cfg.solver.method}, "
                  f"adjoint={self.cfg.solver.adjoint}"]

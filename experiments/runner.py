@@ -96,6 +96,11 @@ class Experiment:
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
 
+    @classmethod
+    def needs_x64(cls, cfg) -> bool:
+        """Whether the run needs 64-bit floats enabled (even when it trains in 32)."""
+        return cfg.dtype == "float64"
+
     def init_models(self, key) -> dict[str, eqx.Module]:
         """{name: model}: the models to train (their inexact arrays are the params)."""
         raise NotImplementedError
@@ -215,7 +220,7 @@ def run(experiment_cls, cfg, *, config_file: str | None = None, out_dir: str | N
     stream = sys.stdout if stream is None else stream
     initialize_distributed(cfg.distributed)
     previous_x64 = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    jax.config.update("jax_enable_x64", experiment_cls.needs_x64(cfg))
     try:
         return _run(experiment_cls, cfg, config_file, resolve_out_dir(cfg, out_dir), stream,
                     progress)

@@ -377,3 +377,33 @@ def test_nfe_counting_agrees_with_solver_stats(tmp_path):
         assert m["nfe_forward"] == m["nfe_forward_counted"] > 0
         assert m["nfe_backward"] > 0
     assert tight["nfe_forward"] > loose["nfe_forward"]
+
+
+@pytest.mark.slow
+def test_nfe_study_trains_in_float32_and_sweeps_tolerances_in_float64(tmp_path):
+    import jax
+
+    from experiments.nfe_study import NFEStudy
+
+    seen = {}
+
+    class Recording(NFEStudy):
+        def report(self, models, log):
+            seen["trained"] = {x.dtype for x in jax.tree_util.tree_leaves(models)}
+            return super().report(models, log)
+
+        def measure(self, model, tol, probe=None):
+            m = super().measure(model, tol, probe)
+            seen.setdefault("outputs", set()).add(m["output"].dtype)
+            return m
+
+    path = os.path.join(ROOT, "configs", "nfe_study_quick.yaml")
+    _, cfg = load_config(path, ["train.steps=2", "train.eval_every=2", "model.channels=4",
+                                "study.probe_size=8", "study.tolerances=[0.01]",
+                                "study.timing_repeats=1", "study.dtype=float64"])
+    assert cfg.dtype == "float32" and Recording.needs_x64(cfg)
+    result = run(Recording, cfg, config_file=path, out_dir=str(tmp_path), progress=False)
+    assert result.status == "complete"
+    assert seen["trained"] == {np.dtype("float32")}
+    # The evaluation during training probes in float32, the report's sweep in float64.
+    assert seen["outputs"] == {np.dtype("float32"), np.dtype("float64")}
