@@ -368,6 +368,14 @@ def test_latent_ode_with_odernn_encoder():
     assert float(jnp.max(jnp.abs(grads.encoder.func.mlp.layers[0].weight))) > 0
 
 
+def test_latent_ode_passes_max_steps_to_the_odernn_encoder():
+    ts, xs = _spirals(KEY, n=1, t=4)
+    model = nn.LatentODE(encoder="odernn", rtol=1e-8, atol=1e-8, max_steps=1, key=KEY)
+    assert model.encoder.max_steps == 1
+    with pytest.raises(Exception, match="max_steps"):
+        jax.block_until_ready(eqx.filter_jit(lambda m: m.encode(ts, xs[0]))(model))
+
+
 def test_rnn_baseline_likelihood_gradient_and_extrapolation():
     ts, xs = _spirals(KEY, n=1, t=8)
     model = nn.RNNBaseline(cell="rnn", key=KEY)
