@@ -8,17 +8,19 @@ linear head), batch 128 of 1x28x28 images, 64 channels, dopri5 at rtol = atol = 
 Each system runs in its own child process:
 
 - `jaxode backsolve`: the model as shipped; its convolutions inside the solver are
-  matrix products on shifted views (`jaxode.nn.odenet.shifted_conv`);
+  lowered by `jaxode.nn.odenet.loop_conv`: on CPU as matrix products on shifted views
+  (`shifted_conv`), elsewhere as XLA's convolution;
 - `jaxode backsolve 1e-6`: the same at rtol = atol = 1e-6 (many more steps), to show
   that the compiled memory does not depend on the number of steps;
-- `jaxode, XLA conv`: the same with equinox's Conv2d inside the loop (XLA's
-  convolution, which XLA:CPU runs with a slow generic kernel inside a while loop);
+- `jaxode, XLA conv` / `jaxode, shifted conv`: the same with either lowering forced
+  (XLA:CPU runs a convolution inside a while loop with a slow generic kernel);
 - `RK-Net rk4 xN`: `jaxode.nn.RKNet`, N fixed rk4 steps differentiated directly: its
   memory grows with N;
 - `diffrax backsolve`: the same modules and weights, the block solved by diffrax
   (Dopri5, PIDController, BacksolveAdjoint);
-- `torchdiffeq odeint_adjoint` / `odeint`: the architecture in PyTorch (one thread, its
-  own random weights: compare time together with NFE).
+- `torchdiffeq odeint_adjoint` / `odeint`: the architecture in PyTorch (its own random
+  weights: compare time together with NFE), on the GPU when torch sees one, else on
+  one CPU thread.
 
 Columns: steady-state seconds per step (median), compile seconds (lower + XLA
 compile), compiled temporary memory (`memory_analysis()`), forward and backward NFE of
@@ -39,6 +41,7 @@ SYSTEMS = (
     "jaxode backsolve",
     "jaxode backsolve 1e-6",
     "jaxode, XLA conv",
+    "jaxode, shifted conv",
     "RK-Net rk4 x4",
     "RK-Net rk4 x16",
     "diffrax backsolve",
@@ -82,7 +85,9 @@ def run_jax(system: str, batch: int, channels: int, repeats: int) -> dict:
     import jaxode.nn.odenet as odenet
 
     if system == "jaxode, XLA conv":
-        odenet.shifted_conv = lambda layer, x: layer(x)
+        odenet.loop_conv = lambda layer, x: layer(x)
+    elif system == "jaxode, shifted conv":
+        odenet.loop_conv = odenet.shifted_conv
     key = jax.random.PRNGKey(0)
     rtol = 1e-6 if system.endswith("1e-6") else 1e-3
     if system.startswith("RK-Net"):
@@ -150,6 +155,7 @@ def run_jax(system: str, batch: int, channels: int, repeats: int) -> dict:
     return {"system": system, "step_s": float(np.median(times)), "compile_s": compile_s,
             "temp_bytes": temp, "loss": loss, "forward_nfe": forward,
             "backward_nfe": total - forward, "rtol": rtol,
+            "device": jax.devices()[0].device_kind,
             "params": int(sum(a.size for a in jax.tree_util.tree_leaves(arrays)
                               if jnp.issubdtype(a.dtype, jnp.floating)))}
 
@@ -161,7 +167,9 @@ def run_torch(system: str, batch: int, channels: int, repeats: int) -> dict:
     from torchdiffeq import odeint, odeint_adjoint
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     solve = odeint_adjoint if system.endswith("adjoint") else odeint
 
     def norm(c):
@@ -194,7 +202,7 @@ def run_torch(system: str, batch: int, channels: int, repeats: int) -> dict:
             self.func = Func(c)
 
         def forward(self, x):
-            ts = torch.tensor([0.0, 1.0])
+            ts = torch.tensor([0.0, 1.0], device=x.device)
             return solve(self.func, x, ts, rtol=1e-3, atol=1e-3, method="dopri5")[1]
 
     c = channels
@@ -202,10 +210,10 @@ def run_torch(system: str, batch: int, channels: int, repeats: int) -> dict:
         tnn.Conv2d(1, c, 3, 1), norm(c), tnn.ReLU(), tnn.Conv2d(c, c, 4, 2, 1), norm(c),
         tnn.ReLU(), tnn.Conv2d(c, c, 4, 2, 1), Block(c), norm(c), tnn.ReLU(),
         tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(c, 10),
-    )
+    ).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     func = model[7].func
 
     def step():
@@ -213,7 +221,7 @@ def run_torch(system: str, batch: int, channels: int, repeats: int) -> dict:
         loss = tnn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the device, so the step is timed whole
 
     loss = step()
     times, nfes = [], []
@@ -229,8 +237,14 @@ def run_torch(system: str, batch: int, channels: int, repeats: int) -> dict:
     total = int(np.median(nfes))
     return {"system": system, "step_s": float(np.median(times)), "compile_s": None,
             "temp_bytes": None, "loss": loss, "forward_nfe": func.nfe,
-            "backward_nfe": total - func.nfe,
+            "backward_nfe": total - func.nfe, "device": str(device),
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def _jax_on_cpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def _fmt(value, spec):
@@ -248,9 +262,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run = run_torch if args.worker.startswith("torch") else run_jax
-        # The slow systems get one timed repeat: their seconds per step dwarf the noise.
-        repeats = 1 if args.worker in ("jaxode, XLA conv", "jaxode backsolve 1e-6") else (
-            args.repeats)
+        # On CPU the slow systems get one timed repeat: their seconds per step dwarf the
+        # noise.
+        slow = args.worker in ("jaxode, XLA conv", "jaxode backsolve 1e-6")
+        repeats = 1 if slow and _jax_on_cpu() else args.repeats
         print(json.dumps(run(args.worker, args.batch, args.channels, repeats)))
         return
     rows = {}
@@ -258,11 +273,16 @@ def main() -> None:
         command = [sys.executable, "-m", "benchmarks.odenet_step", "--worker", system,
                    "--batch", str(args.batch), "--channels", str(args.channels),
                    "--repeats", str(args.repeats)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows[system] = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:  # one broken peer should not lose the other rows
+            print(f"  failed: {system}\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows[system] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"  done: {system}", file=sys.stderr)
     print(f"ODE-Net training step, MNIST architecture, batch {args.batch}, {args.channels} "
           "channels, dopri5 rtol=atol=1e-3 unless named")
+    print("devices: " + ", ".join(sorted({f"{r['system'].split()[0]} on {r['device']}"
+                                          for r in rows.values()})))
     print(f"{'system':28s} {'step s':>8s} {'compile s':>10s} {'temp MiB':>9s} "
           f"{'fwd NFE':>8s} {'bwd NFE':>8s} {'loss':>9s}")
     for row in rows.values():
@@ -281,7 +301,9 @@ def main() -> None:
             ratio("jaxode backsolve", "torchdiffeq odeint_adjoint"),
         "jaxode / torchdiffeq odeint time": ratio("jaxode backsolve", "torchdiffeq odeint"),
         "jaxode / diffrax backsolve time": ratio("jaxode backsolve", "diffrax backsolve"),
-        "XLA conv / shifted conv time": ratio("jaxode, XLA conv", "jaxode backsolve"),
+        "XLA conv / shifted conv time": ratio("jaxode, XLA conv", "jaxode, shifted conv"),
+        "XLA conv / shifted conv memory":
+            ratio("jaxode, XLA conv", "jaxode, shifted conv", "temp_bytes"),
         "jaxode memory 1e-6 / 1e-3":
             ratio("jaxode backsolve 1e-6", "jaxode backsolve", "temp_bytes"),
         "RK-Net memory x16 / x4": ratio("RK-Net rk4 x16", "RK-Net rk4 x4", "temp_bytes"),

@@ -401,12 +401,15 @@ def test_models_are_exported():
         assert getattr(nn, name).__doc__
 
 
+@pytest.mark.parametrize("lowering", ["shifted_conv", "loop_conv"])
 @pytest.mark.parametrize("padding", [0, 1])
-def test_shifted_conv_equals_the_convolution_and_its_gradient(padding):
-    """The loop-friendly convolution of the ODE function is the same map as
-    equinox's Conv2d, values and vector-Jacobian products alike."""
-    from jaxode.nn.odenet import shifted_conv
+def test_shifted_conv_equals_the_convolution_and_its_gradient(padding, lowering):
+    """The loop-friendly convolution of the ODE function (and the backend's choice of
+    lowering, `loop_conv`) is the same map as equinox's Conv2d, values and
+    vector-Jacobian products alike."""
+    from jaxode.nn import odenet
 
+    shifted_conv = getattr(odenet, lowering)
     conv = eqx.nn.Conv2d(5, 4, 3, padding=padding, key=jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 6))
     np.testing.assert_allclose(shifted_conv(conv, x), conv(x), rtol=1e-10, atol=1e-12)

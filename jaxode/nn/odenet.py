@@ -68,6 +68,15 @@ def shifted_conv(conv: eqx.nn.Conv2d, x):
     return out if conv.bias is None else out + conv.bias
 
 
+def loop_conv(conv: eqx.nn.Conv2d, x):
+    """The ODE function's convolution, lowered for the backend it runs on: on CPU as
+    `shifted_conv`; elsewhere XLA's own convolution, which on an H200 ran the ODE-Net's
+    training step as fast as the shifted form with 2/3 of its compiled memory."""
+    if jax.default_backend() == "cpu":
+        return shifted_conv(conv, x)
+    return conv(x)
+
+
 class ODEFunc(eqx.Module):
     """The ODE-Net vector field f(z, t): a conv net that sees t as an extra channel.
 
@@ -93,8 +102,8 @@ class ODEFunc(eqx.Module):
 
     def _one(self, z, t):
         time = jnp.full((1, *z.shape[1:]), t, z.dtype)
-        h = shifted_conv(self.conv1, jnp.concatenate([time, jax.nn.relu(self.norm1(z))]))
-        h = shifted_conv(self.conv2, jnp.concatenate([time, jax.nn.relu(self.norm2(h))]))
+        h = loop_conv(self.conv1, jnp.concatenate([time, jax.nn.relu(self.norm1(z))]))
+        h = loop_conv(self.conv2, jnp.concatenate([time, jax.nn.relu(self.norm2(h))]))
         return self.norm3(h)
 
     def __call__(self, z, t):
