@@ -138,10 +138,10 @@ class NFEStudy(ImageExperiment):
         logits = jax.vmap(model.head)(h)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
-    def measure(self, model, tol: float, probe=None) -> dict:
+    def measure(self, model, tol: float, probe) -> dict:
         """Forward NFE (solver stats and counted), backward NFE, forward output, on the
-        probe batch (by default the training dtype's)."""
-        x, y = self.probe if probe is None else probe
+        probe batch `probe` = (x, y)."""
+        x, y = probe
         rtol = atol = self.ctx.parallel.replicate(jnp.asarray(tol, x.dtype))
         self.counter.count = 0
         out, nfe, _ = jax.block_until_ready(self._forward(model, x, rtol, atol, True))
@@ -167,7 +167,7 @@ class NFEStudy(ImageExperiment):
 
     def evaluate(self, models, step):
         model = models["odenet"]
-        m = self.measure(model, self.cfg.solver.rtol)
+        m = self.measure(model, self.cfg.solver.rtol, self.probe)
         # Test error with the probe's compiled forward pass (batches of the probe's size).
         rtol = atol = self.ctx.parallel.replicate(jnp.asarray(self.cfg.solver.rtol,
                                                               self.probe[0].dtype))
