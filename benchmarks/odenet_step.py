@@ -281,8 +281,8 @@ def main() -> None:
         print(f"  done: {system}", file=sys.stderr)
     print(f"ODE-Net training step, MNIST architecture, batch {args.batch}, {args.channels} "
           "channels, dopri5 rtol=atol=1e-3 unless named")
-    print("devices: " + ", ".join(sorted({f"{r['system'].split()[0]} on {r['device']}"
-                                          for r in rows.values()})))
+    libraries = {f"{r['system'].split()[0].rstrip(',')} on {r['device']}" for r in rows.values()}
+    print("devices: " + ", ".join(sorted(libraries)))
     print(f"{'system':28s} {'step s':>8s} {'compile s':>10s} {'temp MiB':>9s} "
           f"{'fwd NFE':>8s} {'bwd NFE':>8s} {'loss':>9s}")
     for row in rows.values():
