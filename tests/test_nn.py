@@ -409,12 +409,12 @@ def test_shifted_conv_equals_the_convolution_and_its_gradient(padding, lowering)
     vector-Jacobian products alike."""
     from jaxode.nn import odenet
 
-    shifted_conv = getattr(odenet, lowering)
+    lowered = getattr(odenet, lowering)
     conv = eqx.nn.Conv2d(5, 4, 3, padding=padding, key=jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 6))
-    np.testing.assert_allclose(shifted_conv(conv, x), conv(x), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lowered(conv, x), conv(x), rtol=1e-10, atol=1e-12)
     cotangent = jax.random.normal(jax.random.PRNGKey(2), conv(x).shape)
     grad = lambda apply: jax.vjp(lambda c, x_: apply(c, x_), conv, x)[1](cotangent)
-    for a, b in zip(jax.tree_util.tree_leaves(grad(shifted_conv)),
+    for a, b in zip(jax.tree_util.tree_leaves(grad(lowered)),
                     jax.tree_util.tree_leaves(grad(lambda c, x_: c(x_)))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
