@@ -418,3 +418,14 @@ def test_shifted_conv_equals_the_convolution_and_its_gradient(padding, lowering)
     for a, b in zip(jax.tree_util.tree_leaves(grad(lowered)),
                     jax.tree_util.tree_leaves(grad(lambda c, x_: c(x_)))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_loop_conv_lowers_to_matrix_products_on_cpu_only():
+    """On CPU the ODE function's convolution must avoid XLA's convolution (slow inside
+    the solver's loop there); on other backends it is XLA's convolution."""
+    from jaxode.nn.odenet import loop_conv
+
+    conv = eqx.nn.Conv2d(3, 2, 3, padding=1, key=jax.random.PRNGKey(0))
+    jaxpr = str(jax.make_jaxpr(lambda x: loop_conv(conv, x))(jnp.ones((3, 5, 5))))
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" in jaxpr) is not on_cpu
