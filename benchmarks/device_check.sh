@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in two parts that each fit one device call (under 10 minutes):
-#   OUT=dir bash benchmarks/device_check.sh tests   # GPU test subset + the main job (~6 min)
+#   OUT=dir bash benchmarks/device_check.sh tests   # GPU test subset + the main job (~4 min)
 #   OUT=dir bash benchmarks/device_check.sh bench   # ODE-Net step + gradients vs peers (~6 min)
 # Run from the repository root where jax (with CUDA), equinox, optax, diffrax and
 # torchdiffeq are installed. Each step has its own time limit, so that one slow step
