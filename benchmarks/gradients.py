@@ -139,10 +139,11 @@ def solver_fn(system: str, field, ts, *, rtol=RTOL, atol=ATOL, max_steps=MAX_STE
         solver = dict(solver="dopri5") if fixed_steps is None else dict(
             solver="rk4", dt0=(ts[-1] - ts[0]) / fixed_steps)
 
+        method = jaxode.Backsolve(**options) if adjoint == "backsolve" else adjoint
+
         def fn(z0, params):
             return jaxode.odeint(field, z0, ts, params, rtol=rtol, atol=atol,
-                                 max_steps=max_steps, adjoint=adjoint, **solver, **options,
-                                 **extra)
+                                 max_steps=max_steps, adjoint=method, **solver, **extra)
 
         return fn
     if library == "diffrax":
@@ -315,51 +316,10 @@ def jaxode_adjoint_nfe(field, z0, ts, params, seminorm: bool) -> dict:
         zs = jaxode.odeint(field, z0, ts, params, rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS)
         cotangent = jax.grad(lambda zs: jnp.mean(jnp.square(zs)))(zs)
         return jaxode.adjoint_nfe(field, z0, ts, params, cotangent=cotangent, rtol=RTOL,
-                                  atol=ATOL, max_steps=MAX_STEPS, seminorm=seminorm)
+                                  atol=ATOL, max_steps=MAX_STEPS,
+                                  adjoint=jaxode.Backsolve(seminorm=seminorm))
 
     return {k: int(v) for k, v in jax.jit(run)(z0, params).items()}
-
-
-def jaxode_backward_stats(field, z0, ts, params, seminorm: bool, rtol=RTOL, atol=ATOL):
-    """jaxode's own NFE count of a backsolve gradient: the forward solve's stats and
-    `jaxode.adjoint.backward_pass`'s NFE, set up as `jaxode.solve` does it (flat field,
-    Options, Tolerances), with the loss's cotangent. Also returns the parameter
-    gradient so that it can be checked against `jax.grad` of the public API."""
-    import jax
-    import jax.numpy as jnp
-    from jax.flatten_util import ravel_pytree
-
-    from jaxode import adjoint as adjoint_lib
-    from jaxode.control import PIController
-    from jaxode.solvers import resolve_solver
-
-    dtype = z0.dtype
-    z0_flat, unravel = ravel_pytree(z0)
-
-    def f_flat(z, t, p):
-        return ravel_pytree(field(unravel(z), t, p))[0]
-
-    tableau = resolve_solver("dopri5")
-    options = adjoint_lib.Options(tableau=tableau, max_steps=MAX_STEPS,
-                                  controller=PIController(), dense=False,
-                                  backward_tableau=tableau, seminorm=seminorm,
-                                  dt0_given=False)
-
-    def run(z0_flat, params):
-        r, a = jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype)
-        tols = adjoint_lib.Tolerances(rtol=r, atol=a, adjoint_rtol=r, adjoint_atol=a,
-                                      dt0=jnp.zeros((), dtype))
-        converted, consts = jax.closure_convert(f_flat, z0_flat, ts[0], params)
-        consts = tuple(consts)
-        sol = adjoint_lib._directed_solve(converted, options, z0_flat, ts, params, consts,
-                                          tols)
-        zs_bar = jax.grad(lambda zs: jnp.mean(jnp.square(zs)))(sol.zs)
-        bars, nfe = adjoint_lib.backward_pass(converted, options,
-                                              (sol.zs, ts, params, consts, tols), zs_bar)
-        return sol.nfe, nfe, bars[2]
-
-    fwd, bwd, params_bar = jax.jit(run)(z0_flat, params)
-    return int(fwd), int(bwd), flat_grad(params_bar)
 
 
 def count_nfe(system: str, ts, z0, params, mode: str = "joint", rtols=(RTOL,)):
@@ -503,19 +463,9 @@ def section_time(cfg: dict, ref: dict) -> dict:
             entry["stats_steps_fwd"] = int(stats["num_steps"])
         if name in (BS, BS_FULL):
             seminorm = JAX_SYSTEMS[name][2]["seminorm"]
-            if hasattr(jaxode, "adjoint_nfe"):  # the public API, when there is one
-                nfe = jaxode_adjoint_nfe(mlp_field, z0, ts, params, seminorm)
-                entry["stats_nfe_bwd"] = nfe["backward"]
-                entry["stats_source"] = "jaxode.adjoint_nfe"
-            else:
-                try:
-                    fwd, bwd, g_bp = jaxode_backward_stats(mlp_field, z0, ts, params, seminorm)
-                    entry["stats_nfe_bwd"] = bwd
-                    entry["stats_source"] = "jaxode.adjoint.backward_pass"
-                    entry["backward_pass_vs_grad"] = rel_error(g_bp, entry["grad"])
-                except Exception as error:  # jaxode internals changed: no cross-check
-                    entry["stats_nfe_bwd"] = None
-                    entry["backward_pass_error"] = repr(error)
+            nfe = jaxode_adjoint_nfe(mlp_field, z0, ts, params, seminorm)
+            entry["stats_nfe_bwd"] = nfe["backward"]
+            entry["stats_source"] = "jaxode.adjoint_nfe"
         systems[name] = entry
         print(f"  time: {name} compiled and counted", file=sys.stderr, flush=True)
 

@@ -1,28 +1,35 @@
 """jaxode: Neural Ordinary Differential Equations in JAX."""
 
 from . import nn  # noqa: F401  (the models: jaxode.nn)
+from .adjoint import AbstractAdjoint, Backsolve, Direct, Forward
 from .api import Solution, adjoint_nfe, odeint, solve
-from .control import PIController
-from .integrate import STATUS_MESSAGES
+from .control import AbstractController, ConstantStep, PIController
+from .loop import STATUS_MESSAGES
 from .solvers import (
     RK4,
+    SOLVERS,
+    AbstractSolver,
     Bosh3,
+    ButcherTableau,
     Dopri5,
     Dopri8,
     Euler,
+    ExplicitRK,
     Fehlberg2,
     Heun,
     HeunEuler,
     Midpoint,
     Ralston,
-    Solver,
     Tsit5,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "odeint", "solve", "adjoint_nfe", "Solution", "PIController", "STATUS_MESSAGES", "Solver",
+    "odeint", "solve", "adjoint_nfe", "Solution", "STATUS_MESSAGES", "SOLVERS",
+    "Backsolve", "Direct", "Forward", "AbstractAdjoint",
+    "PIController", "ConstantStep", "AbstractController",
+    "AbstractSolver", "ExplicitRK", "ButcherTableau",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4",
     "HeunEuler", "Fehlberg2", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
 ]

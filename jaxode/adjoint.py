@@ -1,86 +1,403 @@
-"""Gradients of a solve.
+"""Gradients of a solve: `Backsolve`, `Direct` and `Forward`.
 
-"backsolve" is the paper's adjoint method (Algorithm 1, Figure 2, Appendix C) as a
-`jax.custom_vjp`: the backward pass solves the augmented state (z, a_z, a_θ) from
-ts[-1] to ts[0], one solve per interval between output times, adding dL/dz(t_i) at
-each output time. Memory is constant in the number of steps. Its backward solves are
-themselves calls of the same custom_vjp function, so gradients of gradients work.
+`Backsolve` is the paper's adjoint method (Algorithm 1, Figure 2, Appendix C) as a
+`jax.custom_vjp`: the backward pass solves the adjoint a(t) from ts[-1] to ts[0], one
+solve per interval between output times, adding dL/dz(t_i) at each output time; memory
+is constant in the number of steps. One backward skeleton serves two ways of
+accumulating the parameter adjoint a_θ:
+
+- joint (one trajectory): a_θ is part of the backward ODE state (z, a, a_θ), and each
+  interval is a call of the same custom_vjp function, so gradients of gradients work;
+- lanes (`batch_axis`: a batch of trajectories, each with its own steps, sharing θ):
+  each lane solves (z, a); a_θ is a quadrature shared by all lanes, Σ dt b_i a_iᵀ∂f/∂θ
+  over the accepted steps' stages, from the same linearisation of f that gives the
+  stage's a_z (its pullback applied a second time, once the step is accepted).
 
 Time gradients use the closed forms (Appendix C) instead of an extra a_t state:
-dL/dt_i = g_iᵀ f(z(t_i), t_i) for every output time after the first (an output time
-only decides where the trajectory is read), and dL/dt_0 = -a(t_0)ᵀ f(z_0, t_0).
+dL/dt_i = g_iᵀ f(z(t_i), t_i) for every output time after the first, and
+dL/dt_0 = -a(t_0)ᵀ f(z_0, t_0).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
+from jax.interpreters import ad, batching, mlir
 
-from . import integrate
-from .control import PIController, initial_step
-from .solvers import Tableau
+from . import loop
+from .control import ConstantStep, PIController, initial_step
+from .solvers import AbstractSolver, ExplicitRK, resolve_solver
 
 
-class Options(NamedTuple):
-    """The static (hashable) settings of a solve and of its backward pass."""
+class AbstractAdjoint(eqx.Module):
+    """How a solve is differentiated."""
 
-    tableau: Tableau
-    max_steps: int
-    controller: PIController
-    dense: bool
-    backward_tableau: Tableau
+
+class Backsolve(AbstractAdjoint):
+    """The adjoint method: reverse mode with memory constant in the number of steps.
+
+    rtol, atol, solver: those of the backward solve (None: the forward solve's).
+    seminorm: leave a_θ out of the backward error norm (Kidger, Chen & Lyons 2021),
+    which takes fewer backward steps; a lane-batched (`batch_axis`) backward pass
+    never controls a_θ's error.
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    solver: AbstractSolver | None = eqx.field(default=None, static=True)
+    seminorm: bool = eqx.field(default=True, static=True)
+
+    def __check_init__(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and isinstance(value, (int, float)) and not value >= 0:
+                raise ValueError(f"adjoint: Backsolve.{name} must be >= 0, got {value}")
+        if not isinstance(self.seminorm, bool):
+            raise TypeError(f"adjoint: Backsolve.seminorm must be a bool, got {self.seminorm!r}")
+
+    def __init__(self, rtol=None, atol=None, solver=None, seminorm=True):
+        self.rtol, self.atol, self.seminorm = rtol, atol, seminorm
+        self.solver = None if solver is None else resolve_solver(solver, "Backsolve.solver")
+
+
+class Direct(AbstractAdjoint):
+    """Reverse mode through the solver's own operations: the exact gradient of the
+    discrete solve (step sizes held fixed), through a checkpointed while loop bounded by
+    max_steps (memory grows sub-linearly in the steps taken). First order only."""
+
+
+class Forward(AbstractAdjoint):
+    """Forward mode: `jax.jvp`, `jax.jacfwd` and forward-over-forward Hessians."""
+
+
+ADJOINTS = {"backsolve": Backsolve, "direct": Direct, "forward": Forward}
+
+
+def resolve_adjoint(adjoint) -> AbstractAdjoint:
+    if isinstance(adjoint, str):
+        if adjoint not in ADJOINTS:
+            raise ValueError(f"adjoint: expected one of {sorted(ADJOINTS)}, got {adjoint!r}")
+        return ADJOINTS[adjoint]()
+    if isinstance(adjoint, AbstractAdjoint):
+        return adjoint
+    raise TypeError(
+        f"adjoint: expected a name or jaxode.Backsolve/Direct/Forward(), got {adjoint!r}")
+
+
+class Settings(NamedTuple):
+    """The static settings of a solve and of its backward pass."""
+
+    forward: loop.Static
+    backward_solver: AbstractSolver
     seminorm: bool
-    dt0_given: bool  # False: the first step is chosen automatically
-    error_components: int | None = None
 
 
 class Tolerances(NamedTuple):
-    """Traced numbers of a solve: differentiable inputs with zero cotangent."""
+    """Traced numbers of a solve and of its backward pass (zero cotangent)."""
 
     rtol: jax.Array
     atol: jax.Array
+    dt0: jax.Array
     adjoint_rtol: jax.Array
     adjoint_atol: jax.Array
-    dt0: jax.Array  # used when Options.dt0_given
+
+    def forward(self) -> loop.Traced:
+        return loop.Traced(self.rtol, self.atol, self.dt0)
 
 
-def _directed_solve(
-    ff, options: Options, z0, ts, params, consts, tols: Tolerances, differentiable=False
-):
-    """Solve in user time: ts may decrease; ff(z, t, params, *consts) is the vector field."""
-    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(z0.dtype)
+def _solve(ff, settings: Settings, z0, ts, params, consts, tols: Tolerances):
+    return loop.solve(lambda t, z: ff(z, t, params, *consts), z0, ts, settings.forward,
+                      tols.forward())
 
-    def f_tau(tau, z):
-        return direction * ff(z, direction * tau, params, *consts)
 
-    return integrate.solve_flat(
-        f_tau,
-        z0,
-        direction * ts,
-        tableau=options.tableau,
-        rtol=tols.rtol,
-        atol=tols.atol,
-        dt0=tols.dt0 if options.dt0_given else None,
-        max_steps=options.max_steps,
-        controller=options.controller,
-        dense=options.dense,
-        error_components=options.error_components,
-        differentiable=differentiable,
+# ------------------------------------------------------------------ joint backsolve
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _backsolve(ff, settings, z0, ts, params, consts, tols):
+    return _solve(ff, settings, z0, ts, params, consts, tols)
+
+
+def _backsolve_fwd(ff, settings, z0, ts, params, consts, tols):
+    # The custom_vjp function itself, not its body: differentiating the residuals again
+    # (gradients of gradients) then uses the adjoint method too.
+    result = _backsolve(ff, settings, z0, ts, params, consts, tols)
+    return result, (result.zs[None], ts, params, consts, tols)
+
+
+def _backsolve_bwd(ff, settings, residuals, cotangents):
+    bars, _ = backward(ff, settings, residuals, cotangents.zs[None], _JointAccumulator)
+    z0_bar, *rest = bars
+    return (z0_bar[0], *rest, _zeros_like(residuals[-1]))
+
+
+_backsolve.defvjp(_backsolve_fwd, _backsolve_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols):
+    return jax.vmap(lambda z0: _solve(ff, settings, z0, ts, params, consts, tols))(z0s)
+
+
+def _backsolve_lanes_fwd(ff, settings, z0s, ts, params, consts, tols):
+    result = _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols)
+    return result, (result.zs, ts, params, consts, tols)
+
+
+def _backsolve_lanes_bwd(ff, settings, residuals, cotangents):
+    bars, _ = backward(ff, settings, residuals, cotangents.zs, _LaneAccumulator)
+    return (*bars, _zeros_like(residuals[-1]))
+
+
+_backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
+
+
+# ------------------------------------------------------------------ the backward skeleton
+
+
+def backward(ff, settings: Settings, residuals, g, accumulator):
+    """The adjoint solves, for lanes zs (lanes, len(ts), n) (one lane: a joint solve).
+    Returns the cotangents of (z0s, ts, params, consts) and each lane's backward NFE."""
+    zs, ts, params, consts, tols = residuals
+    num_lanes, num_outputs, n = zs.shape
+    real = ts.dtype
+    g = g.astype(zs.dtype)
+    theta, unravel_theta, field = _parameter_view(ff, params, consts)
+    acc = accumulator(ff, field, theta, settings, tols, params, consts, n)
+
+    f_out = jax.vmap(jax.vmap(lambda z, t: field(z, t, theta)), (0, None))(zs, ts)
+    ts_bar = jnp.real(jnp.sum(g * f_out, axis=(0, 2)))
+
+    def interval(carry, i):
+        a, a_theta, dt, nfe, status = carry
+        a, a_theta, dt, interval_nfe, interval_status = acc.interval(
+            zs[:, i], a + g[:, i], a_theta, ts[i], ts[i - 1], dt)
+        status = jnp.where(status == loop.SUCCESS, interval_status, status)
+        return (a, a_theta, dt, nfe + interval_nfe, status), None
+
+    last = num_outputs - 1
+    init = (jnp.zeros_like(zs[:, 0]), acc.zero_theta(), acc.first_dt(zs[:, last], g[:, last], ts),
+            jnp.full((num_lanes,), 2, jnp.int32), jnp.full((num_lanes,), loop.SUCCESS, jnp.int32))
+    (a, a_theta, _, nfe, status), _ = lax.scan(interval, init, jnp.arange(last, 0, -1))
+    ts_bar = ts_bar.at[0].set(-jnp.real(jnp.sum(a * f_out[:, 0])))
+    # On every cotangent: an unused one (and its check) may be dropped as dead code.
+    z0_bar, ts_bar, a_theta = eqx.branched_error_if(
+        (a + g[:, 0], ts_bar, a_theta), jnp.any(status != loop.SUCCESS), jnp.max(status),
+        loop.STATUS_MESSAGES,
+    )
+    params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
+    return (z0_bar, ts_bar.astype(real), params_bar, consts_bar), nfe
+
+
+def _backward_static(settings: Settings, error_size=None) -> loop.Static:
+    solver, controller = settings.backward_solver, settings.forward.controller
+    if solver.adaptive and isinstance(controller, ConstantStep):
+        controller = PIController()  # an adaptive backward solve of a fixed-step forward one
+    return loop.Static(solver, controller, settings.forward.max_steps, error_size=error_size,
+                       automatic_dt0=False)
+
+
+class _JointAccumulator:
+    """a_θ as part of the backward ODE state (z, a, a_θ), one lane."""
+
+    def __init__(self, ff, field, theta, settings, tols, params, consts, n):
+        self.settings, self.tols, self.n = settings, tols, n
+        self.params, self.consts = params, consts
+        self.theta0 = ravel_pytree(theta)[0].astype(tols.rtol.dtype)
+        error_size = 2 * n if settings.seminorm else None
+        self.inner = Settings(_backward_static(settings, error_size), settings.backward_solver,
+                              settings.seminorm)
+
+        def augmented(y, t, params_, *consts_):
+            """d/dt (z, a, a_θ) = (f, -aᵀ∂f/∂z, -aᵀ∂f/∂θ): one vjp of f per call."""
+            diff = _split((params_, consts_))[0]
+            fz, vjp = jax.vjp(lambda z_, d_: field(z_, t, d_), y[:n], diff)
+            a_z, a_theta = vjp(y[n: 2 * n])
+            return jnp.concatenate([fz, -a_z, -ravel_pytree(a_theta)[0].astype(y.dtype)])
+
+        self.augmented = augmented
+
+    def zero_theta(self):
+        return jnp.zeros_like(self.theta0)
+
+    def first_dt(self, z_last, g_last, ts):
+        tols = self.tols
+        if not self.settings.forward.automatic_dt0:
+            return tols.dt0[None]
+        y = jnp.concatenate([z_last[0], g_last[0], self.theta0.astype(z_last.dtype)])
+        direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
+        f = lambda tau, y: direction * self.augmented(y, direction * tau, self.params, *self.consts)
+        tau = direction * ts[-1]
+        dt = initial_step(f, tau, y, f(tau, y), self.settings.backward_solver.order,
+                          tols.adjoint_rtol, tols.adjoint_atol, self.inner.forward.error_size)
+        return dt[None].astype(ts.dtype)
+
+    def interval(self, z, a, a_theta, t_start, t_stop, dt):
+        y = jnp.concatenate([z[0], a[0], a_theta.astype(z.dtype)])
+        tols = self.tols._replace(rtol=self.tols.adjoint_rtol, atol=self.tols.adjoint_atol,
+                                  dt0=dt[0])
+        result = _backsolve(self.augmented, self.inner, y, jnp.stack([t_start, t_stop]),
+                            self.params, self.consts, tols)
+        y_end, n = result.zs[-1], self.n
+        return (y_end[None, n: 2 * n], y_end[2 * n:].astype(a_theta.dtype), result.dt_next[None],
+                result.stats["nfe"][None], result.status[None])
+
+
+class _LaneAccumulator:
+    """a_θ as a quadrature over the stages of every lane's accepted steps."""
+
+    def __init__(self, ff, field, theta, settings, tols, params, consts, n):
+        solver = settings.backward_solver
+        if not isinstance(solver, ExplicitRK):
+            raise TypeError("adjoint: a batch_axis backward pass needs an explicit Runge-Kutta "
+                            f"Backsolve.solver, got {solver!r}")
+        self.field, self.theta, self.settings, self.tols, self.n = field, theta, settings, tols, n
+        self.static = _backward_static(settings)
+
+    def zero_theta(self):
+        return jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(self.tols.rtol.dtype)
+
+    def lane_field(self, direction, records=None):
+        """d/dτ (z, a) for (lanes, 2n) states at per-lane τ, keeping each stage's pullback."""
+        n = self.n
+
+        def f(tau, y):
+            t = jnp.broadcast_to(direction * tau, y.shape[:-1] + (1,))[:, 0]
+            batched = lambda z, theta: jax.vmap(self.field, (0, 0, None))(z, t, theta)
+            fz, pullback = jax.vjp(batched, y[:, :n], self.theta)
+            if records is not None:
+                records.append((pullback, y[:, n:]))
+            return direction * jnp.concatenate([fz, -pullback(y[:, n:])[0]], axis=1)
+
+        return f
+
+    def first_dt(self, z_last, g_last, ts):
+        tols = self.tols
+        if not self.settings.forward.automatic_dt0:
+            return jnp.full((z_last.shape[0], 1), tols.dt0, ts.dtype)
+        direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
+        f, tau = self.lane_field(direction), direction * ts[-1]
+        y = jnp.concatenate([z_last, g_last], axis=1)
+        dt = initial_step(f, tau, y, f(tau, y), self.static.solver.order, tols.adjoint_rtol,
+                          tols.adjoint_atol)
+        return dt.astype(ts.dtype)
+
+    def interval(self, z, a, a_theta, t_start, t_stop, dt):
+        direction = jnp.where(t_stop >= t_start, 1, -1).astype(dt.dtype)
+        records = []
+        f = self.lane_field(direction, records)
+        traced = loop.Traced(self.tols.adjoint_rtol, self.tols.adjoint_atol, dt)
+        taus = direction * jnp.stack([t_start, t_stop])
+        init, step, unfinished, finish = loop.pieces(f, jnp.concatenate([z, a], 1), taus,
+                                                     self.static, traced)
+        b = self.static.solver.tableau.b
+
+        def body(state):
+            c, a_theta = state
+            records.clear()
+            # The first stage is the previous step's last evaluation: linearise it again.
+            self.lane_field(direction, records)(c.t, c.z)
+            c, (dt, accept) = loop.masked_step(step, unfinished, c)
+            weights = jnp.where(accept, dt, 0).astype(z.dtype)
+            for b_i, (pullback, a_i) in zip(b, records):  # stages 1..s; f_1's weight is 0
+                if b_i:
+                    theta_bar = pullback(float(b_i) * weights * a_i)[1]
+                    a_theta = a_theta - direction * ravel_pytree(theta_bar)[0].astype(a_theta.dtype)
+            return c, a_theta
+
+        c, a_theta = lax.while_loop(lambda s: jnp.any(unfinished(s[0])), body, (init(), a_theta))
+        result = finish(c)
+        nfe = result.stats["nfe"] + c.num_steps  # the first stage's second linearisation
+        return (result.zs[-1][:, self.n:], a_theta, result.dt_next,
+                nfe[:, 0], result.status[:, 0])
+
+
+# ------------------------------------------------------------------ Direct and Forward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _direct(ff, settings, z0, ts, params, consts, tols):
+    return _solve(ff, settings, z0, ts, params, consts, tols)
+
+
+def _direct_fwd(ff, settings, *args):
+    return jax.vjp(lambda *a: _solve(ff, settings, *a), *args)
+
+
+def _direct_bwd(ff, settings, pullback, cotangents):
+    return _first_order_only(pullback)(cotangents)
+
+
+_direct.defvjp(_direct_fwd, _direct_bwd)
+
+
+@jax.custom_jvp
+def _first_order_only(x):
+    return x
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise TypeError(
+        "adjoint: Direct() differentiates once in reverse mode; for gradients of gradients "
+        "use adjoint='backsolve', for forward mode adjoint='forward'"
     )
 
 
-def _zero_cotangent(x):
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
+# The identity, whose transpose refuses reverse mode through a Forward() solve.
+_forward_only_p = jax.extend.core.Primitive("jaxode_forward_only")
+_forward_only_p.def_impl(lambda x: x)
+_forward_only_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(_forward_only_p, mlir.lower_fun(lambda x: x, multiple_results=False))
+ad.defjvp(_forward_only_p, lambda tangent, x: _forward_only_p.bind(tangent))
+batching.primitive_batchers[_forward_only_p] = lambda xs, dims: (_forward_only_p.bind(*xs), dims[0])
+
+
+def _refuse_reverse(cotangent, x):
+    raise TypeError("adjoint: Forward() is forward mode only (jax.jvp, jax.jacfwd); for "
+                    "jax.grad use adjoint='backsolve' or 'direct'")
+
+
+ad.primitive_transposes[_forward_only_p] = _refuse_reverse
+
+
+def solve(adjoint: AbstractAdjoint, ff, settings: Settings, z0, ts, params, tols, lanes: bool):
+    """A flat solve (`ff(z, t, params)`; z0 (n,), or (lanes, n) when `lanes`) whose
+    derivatives are those `adjoint` asks for."""
+    if isinstance(adjoint, Forward):
+        run = lambda z0: _solve(ff, settings, z0, ts, params, (), tols)
+        result = jax.vmap(run)(z0) if lanes else run(z0)
+        return result._replace(zs=_forward_only_p.bind(result.zs))
+    # Values that ff closes over are hoisted, so that they receive gradients too.
+    converted, consts = jax.closure_convert(ff, z0[0] if lanes else z0, ts[0], params)
+    if isinstance(adjoint, Direct):
+        settings = settings._replace(forward=settings.forward._replace(checkpointed=True))
+        run = lambda z0: _direct(converted, settings, z0, ts, params, tuple(consts), tols)
+        return jax.vmap(run)(z0) if lanes else run(z0)
+    backsolve = _backsolve_lanes if lanes else _backsolve
+    result = backsolve(converted, settings, z0, ts, params, tuple(consts), tols)
+    # The dense history is not differentiated by the adjoint method.
+    return result._replace(history=lax.stop_gradient(result.history))
+
+
+# ------------------------------------------------------------------ parameter views
+
+
+def _zeros_like(tree):
+    def zero(x):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
+
+    return jax.tree_util.tree_map(zero, tree)
 
 
 def _is_differentiable(x):
@@ -90,316 +407,28 @@ def _is_differentiable(x):
     )
 
 
-def _split_differentiable(tree):
+def _split(tree):
     return eqx.partition(tree, _is_differentiable)
 
 
-def _parameter_view(ff, params, consts, dtype):
-    """θ, the differentiable part of (params, consts): as a pytree, as a flat vector of
-    the state's dtype with its unravel, and the vector field as a function of it."""
-    differentiable, static = _split_differentiable((params, consts))
-    theta0, unravel_theta = ravel_pytree(differentiable)
+def _parameter_view(ff, params, consts):
+    """θ, the differentiable part of (params, consts), with its unravel, and the vector
+    field as a function of it."""
+    theta, static = _split((params, consts))
+    unravel_theta = ravel_pytree(theta)[1]
 
-    def field(z, t, diff):
-        p, c = eqx.combine(diff, static)
+    def field(z, t, theta_):
+        p, c = eqx.combine(theta_, static)
         return ff(z, t, p, *c)
 
-    return differentiable, theta0.astype(dtype), unravel_theta, field
+    return theta, unravel_theta, field
 
 
-def _theta_cotangent(differentiable_bar, params, consts):
+def _theta_cotangent(theta_bar, params, consts):
     """Cotangents of (params, consts) from those of their differentiable part."""
     return jax.tree_util.tree_map(
-        lambda d, s: d if d is not None or s is None else _zero_cotangent(s),
-        differentiable_bar,
+        lambda d, s: d if d is not None or s is None else _zeros_like(s),
+        theta_bar,
         (params, consts),
         is_leaf=lambda x: x is None,
     )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _backsolve(ff, options, z0, ts, params, consts, tols):
-    return _directed_solve(ff, options, z0, ts, params, consts, tols)
-
-
-def _backsolve_fwd(ff, options, z0, ts, params, consts, tols):
-    # The custom_vjp function itself, not its body: differentiating the residuals again
-    # (gradients of gradients) then uses the adjoint method too.
-    solution = _backsolve(ff, options, z0, ts, params, consts, tols)
-    return solution, (solution.zs, ts, params, consts, tols)
-
-
-def backward_pass(ff, options: Options, residuals, zs_cotangent):
-    """The adjoint solves. Returns the cotangents of (z0, ts, params, consts) and the
-    backward pass's number of function evaluations."""
-    zs, ts, params, consts, tols = residuals
-    n = zs.shape[1]
-    dtype = zs.dtype
-    num_outputs = ts.shape[0]
-    g = zs_cotangent.astype(dtype)
-
-    differentiable, theta0, unravel_theta, field = _parameter_view(ff, params, consts, dtype)
-
-    def augmented(y, t, params_, *consts_):
-        """d/dt (z, a, a_θ) = (f, -aᵀ∂f/∂z, -aᵀ∂f/∂θ): one vjp of f per call."""
-        diff = _split_differentiable((params_, consts_))[0]
-        z, a = y[:n], y[n : 2 * n]
-        fz, vjp = jax.vjp(lambda z_, d_: field(z_, t, d_), z, diff)
-        a_z, a_theta = vjp(a)
-        a_theta = ravel_pytree(a_theta)[0].astype(dtype)
-        return jnp.concatenate([fz, -a_z, -a_theta])
-
-    backward_options = Options(
-        tableau=options.backward_tableau,
-        max_steps=options.max_steps,
-        controller=options.controller,
-        dense=False,
-        backward_tableau=options.backward_tableau,
-        seminorm=options.seminorm,
-        dt0_given=True,
-        error_components=2 * n if options.seminorm else None,
-    )
-
-    f_at_outputs = jax.vmap(lambda z, t: field(z, t, differentiable))(zs, ts)
-    ts_bar = jnp.einsum("ij,ij->i", g, f_at_outputs)
-
-    def interval(carry, i):
-        a, a_theta, dt, nfe, status = carry
-        a = a + g[i]
-        y = jnp.concatenate([zs[i], a, a_theta])
-        interval_tols = Tolerances(
-            rtol=tols.adjoint_rtol,
-            atol=tols.adjoint_atol,
-            adjoint_rtol=tols.adjoint_rtol,
-            adjoint_atol=tols.adjoint_atol,
-            dt0=dt,
-        )
-        sol = _backsolve(
-            augmented,
-            backward_options,
-            y,
-            jnp.stack([ts[i], ts[i - 1]]),
-            params,
-            consts,
-            interval_tols,
-        )
-        y_end = sol.zs[-1]
-        status = jnp.where(status == integrate.SUCCESS, sol.status, status)
-        carry = (y_end[n : 2 * n], y_end[2 * n :], sol.dt_next, nfe + sol.nfe, status)
-        return carry, None
-
-    # One initial-step choice for the whole backward pass; each later interval starts
-    # from the step size the previous one ended with.
-    last = num_outputs - 1
-    y_last = jnp.concatenate([zs[last], g[last], jnp.zeros_like(theta0)])
-    back_direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(dtype)
-
-    def augmented_tau(tau, y):
-        return back_direction * augmented(y, back_direction * tau, params, *consts)
-
-    if options.dt0_given:
-        dt = tols.dt0
-    else:
-        dt = initial_step(
-            augmented_tau,
-            back_direction * ts[last],
-            y_last,
-            augmented_tau(back_direction * ts[last], y_last),
-            options.backward_tableau.order,
-            tols.adjoint_rtol,
-            tols.adjoint_atol,
-            backward_options.error_components,
-        )
-    init = (
-        jnp.zeros((n,), dtype),
-        jnp.zeros_like(theta0),
-        dt,
-        jnp.asarray(2, jnp.int32),
-        jnp.asarray(integrate.SUCCESS, jnp.int32),
-    )
-    (a, a_theta, _, nfe, status), _ = lax.scan(
-        interval, init, jnp.arange(last, 0, -1)
-    )
-    ts_bar = ts_bar.at[0].set(-jnp.dot(a, f_at_outputs[0]))
-    # On every cotangent: an unused one (and its check) may be dropped as dead code.
-    z0_bar, ts_bar, a_theta = eqx.branched_error_if(
-        (a + g[0], ts_bar, a_theta), status != integrate.SUCCESS, status, integrate.STATUS_MESSAGES
-    )
-    params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
-    return (z0_bar, ts_bar.astype(ts.dtype), params_bar, consts_bar), nfe
-
-
-def _backsolve_bwd(ff, options, residuals, cotangents):
-    (z0_bar, ts_bar, params_bar, consts_bar), _ = backward_pass(
-        ff, options, residuals, cotangents.zs
-    )
-    tols = residuals[-1]
-    tols_bar = jax.tree_util.tree_map(_zero_cotangent, tols)
-    return z0_bar, ts_bar, params_bar, consts_bar, tols_bar
-
-
-_backsolve.defvjp(_backsolve_fwd, _backsolve_bwd)
-
-
-def solve_backsolve(ff: Callable, options: Options, z0, ts, params, tols: Tolerances):
-    """A solve whose reverse-mode derivative is the adjoint method.
-
-    `ff(z_flat, t, params)` is the flat vector field; any JAX values it closes over
-    are hoisted by `jax.closure_convert` so that they receive gradients too.
-    """
-    converted, consts = jax.closure_convert(ff, z0, ts[0], params)
-    return _backsolve(converted, options, z0, ts, params, tuple(consts), tols)
-
-
-def solve_direct(ff: Callable, options: Options, z0, ts, params, tols: Tolerances):
-    """A solve differentiated through the solver's own operations."""
-    return _directed_solve(ff, options, z0, ts, params, (), tols, differentiable=True)
-
-
-# ---------------------------------------------------------------------------------
-# A batch of initial conditions with shared parameters, each sample with its own steps.
-#
-# Differentiating a vmapped backsolve carries a parameter adjoint for every sample: B
-# copies of a_θ pushed through every stage. Here the samples are lanes of one loop: the
-# lanes solve (z, a) backwards, each with its own step sizes, and the parameter
-# gradient is a quadrature shared by all lanes, Σ_lanes Σ_stages dt b_i a_iᵀ ∂f/∂θ,
-# taken by one vector-Jacobian product of the lane-batched f per step.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _backsolve_lanes(ff, options, z0s, ts, params, consts, tols):
-    return jax.vmap(lambda z0: _directed_solve(ff, options, z0, ts, params, consts, tols))(z0s)
-
-
-def _backsolve_lanes_fwd(ff, options, z0s, ts, params, consts, tols):
-    solution = _backsolve_lanes(ff, options, z0s, ts, params, consts, tols)
-    return solution, (solution.zs, ts, params, consts, tols)
-
-
-def backward_pass_lanes(ff, options: Options, residuals, zs_cotangent):
-    """The adjoint solves of a lane batch. Returns the cotangents of (z0s, ts, params,
-    consts) and each lane's backward number of function evaluations."""
-    zs, ts, params, consts, tols = residuals
-    num_lanes, num_outputs, n = zs.shape
-    dtype = zs.dtype
-    g = zs_cotangent.astype(dtype)
-    tableau = options.backward_tableau
-
-    differentiable, theta0, unravel_theta, field = _parameter_view(ff, params, consts, dtype)
-
-    back_direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(dtype)
-
-    def lane_field(tau, y):
-        """d/dτ (z, a) for one lane, τ = back_direction * t."""
-        t = back_direction * tau
-        z, a = y[:n], y[n:]
-        fz, vjp = jax.vjp(lambda z_: field(z_, t, differentiable), z)
-        return back_direction * jnp.concatenate([fz, -vjp(a)[0]])
-
-    def theta_increment(record, active):
-        """The step's contribution to the shared a_θ: the θ-part of the augmented RK step,
-        dt Σ_i b_i (-aᵀ∂f/∂θ), summed over the lanes whose step was accepted."""
-
-        def weighted_field(diff):
-            total = jnp.zeros((), dtype)
-            for i in range(tableau.num_stages):
-                if tableau.b[i] == 0:
-                    continue
-                weight = jnp.where(record.accept & active, record.dt * float(tableau.b[i]), 0.0)
-                times = back_direction * (record.t + float(tableau.c[i]) * record.dt)
-                points = record.points[i]
-                f_i = jax.vmap(lambda y, t: field(y[:n], t, diff))(points, times)
-                total = total + jnp.sum(weight[:, None] * points[:, n:] * f_i)
-            return total
-
-        gradient = jax.grad(weighted_field)(differentiable)
-        return -back_direction * ravel_pytree(gradient)[0].astype(dtype)
-
-    def interval(carry, i):
-        a, dt, a_theta, nfe, status = carry
-        a = a + g[:, i]
-        y = jnp.concatenate([zs[:, i], a], axis=1)
-        stepper = integrate.make_stepper(
-            lane_field,
-            y[0],
-            back_direction * jnp.stack([ts[i], ts[i - 1]]),
-            tableau=tableau,
-            rtol=tols.adjoint_rtol,
-            atol=tols.adjoint_atol,
-            max_steps=options.max_steps,
-            controller=options.controller,
-            dense=False,
-        )
-        lanes_unfinished = jax.vmap(stepper.unfinished)
-
-        def body(state):
-            lanes, a_theta = state
-            active = lanes_unfinished(lanes)
-            stepped, record = jax.vmap(stepper.step)(lanes)
-            lanes = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-                stepped,
-                lanes,
-            )
-            return lanes, a_theta + theta_increment(record, active)
-
-        lanes = jax.vmap(stepper.init)(y, dt)
-        lanes, a_theta = lax.while_loop(
-            lambda state: jnp.any(lanes_unfinished(state[0])), body, (lanes, a_theta)
-        )
-        sol = jax.vmap(stepper.finish)(lanes)
-        status = jnp.where(status == integrate.SUCCESS, sol.status, status)
-        return (sol.zs[:, -1, n:], sol.dt_next, a_theta, nfe + sol.nfe, status), None
-
-    last = num_outputs - 1
-    y_last = jnp.concatenate([zs[:, last], g[:, last]], axis=1)
-    tau_last = back_direction * ts[last]
-    if options.dt0_given:
-        dt = jnp.full((num_lanes,), tols.dt0, dtype)
-    else:
-        dt = jax.vmap(
-            lambda y: initial_step(
-                lane_field,
-                tau_last,
-                y,
-                lane_field(tau_last, y),
-                tableau.order,
-                tols.adjoint_rtol,
-                tols.adjoint_atol,
-            )
-        )(y_last)
-    init = (
-        jnp.zeros((num_lanes, n), dtype),
-        dt,
-        jnp.zeros_like(theta0),
-        jnp.full((num_lanes,), 2, jnp.int32),
-        jnp.full((num_lanes,), integrate.SUCCESS, jnp.int32),
-    )
-    (a, _, a_theta, nfe, status), _ = lax.scan(interval, init, jnp.arange(last, 0, -1))
-
-    f_at_outputs = jax.vmap(jax.vmap(lambda z, t: field(z, t, differentiable)), (0, None))(zs, ts)
-    ts_bar = jnp.einsum("bij,bij->bi", g, f_at_outputs)
-    ts_bar = ts_bar.at[:, 0].set(-jnp.einsum("bj,bj->b", a, f_at_outputs[:, 0]))
-    z0s_bar, ts_bar, a_theta = eqx.branched_error_if(
-        (a + g[:, 0], ts_bar.sum(0), a_theta),
-        jnp.any(status != integrate.SUCCESS),
-        jnp.max(status),
-        integrate.STATUS_MESSAGES,
-    )
-    params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
-    return (z0s_bar, ts_bar.astype(ts.dtype), params_bar, consts_bar), nfe
-
-
-def _backsolve_lanes_bwd(ff, options, residuals, cotangents):
-    cotangent, _ = backward_pass_lanes(ff, options, residuals, cotangents.zs)
-    return (*cotangent, jax.tree_util.tree_map(_zero_cotangent, residuals[-1]))
-
-
-_backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
-
-
-def solve_backsolve_lanes(ff: Callable, options: Options, z0s, ts, params, tols: Tolerances):
-    """`solve_backsolve` for a batch z0s (lanes, n): each lane its own steps, the
-    parameter gradient accumulated once for the whole batch."""
-    converted, consts = jax.closure_convert(ff, z0s[0], ts[0], params)
-    return _backsolve_lanes(converted, options, z0s, ts, params, tuple(consts), tols)

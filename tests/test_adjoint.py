@@ -72,11 +72,9 @@ def loss(z0, ts, params, c, tols, *, adjoint, seminorm=True, adjoint_solver=None
         params,
         rtol=tols["rtol"],
         atol=tols["atol"],
-        adjoint=adjoint,
-        adjoint_rtol=tols["adjoint_rtol"],
-        adjoint_atol=tols["adjoint_atol"],
-        adjoint_solver=adjoint_solver,
-        seminorm=seminorm,
+        adjoint=adjoint if adjoint != "backsolve" else jaxode.Backsolve(
+            rtol=tols["adjoint_rtol"], atol=tols["adjoint_atol"], solver=adjoint_solver,
+            seminorm=seminorm),
     )
     weights = jnp.asarray(WEIGHTS, ts.dtype)
     return sum(jnp.sum(weights * jnp.sum(leaf**2, axis=1)) for leaf in zs)
@@ -432,8 +430,8 @@ def _failing_backward(argnums):
     def fn(z0, p):
         zs = jaxode.odeint(lambda z, t, p: -p * z, z0, jnp.array([0.0, 1.0]), p,
                            solver="euler", dt0=0.1, max_steps=12,
-                           adjoint_solver="heun_euler", adjoint_rtol=1e-12,
-                           adjoint_atol=1e-12)
+                           adjoint=jaxode.Backsolve(solver="heun_euler", rtol=1e-12,
+                                                    atol=1e-12))
         return zs[-1, 0]
 
     return jax.jit(jax.grad(fn, argnums=argnums))

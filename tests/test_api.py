@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxode
-from jaxode import integrate, solvers
+from jaxode import loop, solvers
 
 try:
     from equinox import EquinoxRuntimeError
@@ -26,11 +26,11 @@ except ImportError:  # older equinox: the run-time error is some Exception with 
 # wrapped in JAX's runtime error. Either way the message must say what went wrong.
 RUNTIME_ERRORS = (EquinoxRuntimeError, getattr(jax.errors, "JaxRuntimeError", RuntimeError))
 
-SUCCESS = integrate.SUCCESS
-MAX_STEPS_REACHED = integrate.MAX_STEPS_REACHED
-STEP_SIZE_UNDERFLOW = integrate.STEP_SIZE_UNDERFLOW
-NONFINITE_STATE = integrate.NONFINITE_STATE
-TS_NOT_MONOTONIC = integrate.TS_NOT_MONOTONIC
+SUCCESS = loop.SUCCESS
+MAX_STEPS_REACHED = loop.MAX_STEPS_REACHED
+STEP_SIZE_UNDERFLOW = loop.STEP_SIZE_UNDERFLOW
+NONFINITE_STATE = loop.NONFINITE_STATE
+TS_NOT_MONOTONIC = loop.TS_NOT_MONOTONIC
 
 
 def test_status_codes():
@@ -74,7 +74,7 @@ def growth_odeint(z0, ts):
 
 
 growth_odeint_jit = jax.jit(growth_odeint)
-growth_solve_jit = jax.jit(lambda z0, ts: jaxode.solve(growth_field, z0, ts, **TOL))
+growth_solve_jit = jax.jit(lambda z0, ts: jaxode.solve(growth_field, z0, ts, dense=True, **TOL))
 
 
 # ------------------------------------------------------------------ pytree states
@@ -326,7 +326,7 @@ def test_float64_in_float64_out():
 def test_float32_in_float32_out():
     z0 = jnp.array([1.0, 1 / 3], jnp.float32)
     ts = jnp.linspace(0.0, 2.0, 5, dtype=jnp.float32)
-    sol = jax.jit(lambda z: jaxode.solve(decay, z, ts, rtol=1e-5, atol=1e-6))(z0)
+    sol = jax.jit(lambda z: jaxode.solve(decay, z, ts, rtol=1e-5, atol=1e-6, dense=True))(z0)
     assert sol.zs.dtype == jnp.float32
     assert jax.eval_shape(sol.evaluate, 0.3).dtype == jnp.float32
     np.testing.assert_array_equal(sol.zs[0], z0)
@@ -365,9 +365,10 @@ def test_solver_object_equals_name():
 
 def test_every_solver_name_has_an_object():
     for name, cls in solvers.SOLVERS.items():
-        assert solvers.resolve_solver(cls()) is solvers.resolve_solver(name)
-        assert solvers.resolve_solver(cls) is solvers.resolve_solver(name)
-    assert isinstance(jaxode.RK4(), jaxode.Solver)
+        assert solvers.resolve_solver(cls()) == solvers.resolve_solver(name)
+        assert solvers.resolve_solver(cls) == solvers.resolve_solver(name)
+        assert jaxode.SOLVERS[name] is cls
+    assert isinstance(jaxode.RK4(), jaxode.AbstractSolver)
 
 
 # ------------------------------------------------------------------ fixed-step solvers

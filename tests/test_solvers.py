@@ -6,7 +6,7 @@ Three independent views of each method's order:
   tableau's numbers (exact up to rounding; tells the precise order);
 * empirical, through the public API: the fixed-step solvers' global error at the
   final time falls like dt^p;
-* empirical, one step at a time through `jaxode.integrate.rk_step` / `interpolate`:
+* empirical, one step at a time through the solvers' `step` / `interpolate`:
   the adaptive methods' propagated solution and every method's interpolant.
 """
 
@@ -20,11 +20,10 @@ import pytest
 
 import jaxode
 from jaxode import solvers
-from jaxode.integrate import interpolate, rk_step
 
 ALL = sorted(solvers.SOLVERS)
-FIXED = [name for name in ALL if not solvers.SOLVERS[name].tableau.adaptive]
-ADAPTIVE = [name for name in ALL if solvers.SOLVERS[name].tableau.adaptive]
+FIXED = [name for name in ALL if not solvers.SOLVERS[name]().adaptive]
+ADAPTIVE = [name for name in ALL if solvers.SOLVERS[name]().adaptive]
 
 ORDER = {
     "euler": 1, "midpoint": 2, "heun": 2, "ralston": 2, "rk4": 4,
@@ -120,7 +119,7 @@ def test_registry_names():
              "bosh3", "dopri5", "tsit5", "dopri8"}
     assert names <= set(solvers.SOLVERS)
     for name, cls in solvers.SOLVERS.items():
-        assert cls.tableau.name == name
+        assert cls.name == name
         assert cls() == cls() and hash(cls()) == hash(cls())
     assert jaxode.Dopri5() != jaxode.Tsit5()
 
@@ -130,15 +129,16 @@ def test_tableau_consistency(name):
     tab = tableau(name)
     s = tab.num_stages
     assert tab.a.shape == (s, s) and tab.c.shape == (s,)
-    assert tab.order == ORDER[name]
+    method = solvers.SOLVERS[name]()
+    assert method.order == ORDER[name]
     np.testing.assert_array_equal(np.triu(tab.a), 0.0)  # explicit
     np.testing.assert_allclose(tab.a.sum(axis=1), tab.c, rtol=0, atol=1e-14)
     assert tab.c[0] == 0.0
     np.testing.assert_allclose(tab.b.sum(), 1.0, rtol=0, atol=1e-14)
-    assert tab.adaptive == (name in ADAPTIVE)
-    if tab.adaptive:
+    assert method.adaptive == (name in ADAPTIVE) == (tab.b_err is not None)
+    if method.adaptive:
         assert tab.b_err.shape == (s + 1,)
-        assert tab.error_order == ERROR_ORDER[name]
+        assert method.error_order == ERROR_ORDER[name]
         np.testing.assert_allclose(tab.b_err.sum(), 0.0, rtol=0, atol=1e-14)
         assert np.abs(tab.b_err).max() > 0
     # Dense output, rows K = (k_1..k_s, f_1): at θ = 1 it is the step's own z_1, ...
@@ -187,6 +187,43 @@ def test_dense_output_order_conditions(name, theta):
 def test_dopri8_interpolant_is_not_yet_seventh_order():
     tab = tableau("dopri8")
     assert algebraic_order(extended(tab), dense_weights(tab, 0.5), theta=0.5) >= 7
+
+
+def _broken(**changes):
+    tab = solvers.Bosh3.tableau
+    fields = dict(a=tab.a, b=tab.b, c=tab.c, b_err=tab.b_err, dense=None)
+    return solvers.ButcherTableau(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(a=np.zeros((2, 2))), "a has shape"),
+    (dict(a=np.triu(np.ones((3, 3)))), "strictly lower triangular"),
+    (dict(c=np.array([0.0, 0.5, 0.7])), "rows of a must sum to c"),
+    (dict(b=np.array([2 / 9, 1 / 3, 0.5])), "b must sum to 1"),
+    (dict(b_err=np.array([0.1, 0.0, 0.0, 0.0])), "b_err must sum to 0"),
+    (dict(b_err=np.zeros(3)), "b_err needs 4 entries"),
+    (dict(dense=np.ones((4, 3))), "dense at θ = 1 must equal b"),
+    (dict(dense=np.zeros((3, 3))), "dense needs 4 rows"),
+])
+def test_broken_tableau_is_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _broken(**changes)
+
+
+def test_a_new_method_is_a_table_of_numbers():
+    """Ralston's third-order method, defined here from its published numbers only."""
+
+    class Ralston3(solvers.ExplicitRK):
+        name, order = "ralston3", 3
+        tableau = solvers.ButcherTableau(
+            a=[[0, 0, 0], [0.5, 0, 0], [0, 0.75, 0]], b=[2 / 9, 1 / 3, 4 / 9], c=[0, 0.5, 0.75])
+
+    assert Ralston3.step_nfe == 3
+    errors = [fixed_step_error(Ralston3(), dt) for dt in (0.1, 0.05, 0.025)]
+    assert abs(slope((0.1, 0.05, 0.025), errors) - 3) < 0.3
+    zs = jaxode.odeint(lambda z, t, p: -z, jnp.ones(1), jnp.array([0.0, 1.0]), solver=Ralston3(),
+                       dt0=0.01)
+    np.testing.assert_allclose(zs[-1], np.exp(-1.0), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ a test problem
@@ -263,13 +300,13 @@ def _f_np(t, z):
     return _rhs(t, z, np)
 
 
-def fixed_step_error(tab, dt, t_end=2.0):
+def fixed_step_error(method, dt, t_end=2.0):
     """Global error at t_end of the method's propagated solution with a constant step."""
     n = round(t_end / dt)
     t, z = 0.0, exact(0.0)
     k1 = _f_np(t, z)
     for _ in range(n):
-        z = rk_step(tab, _f_np, t, z, k1, dt)[0]
+        z = np.asarray(method.step(_f_np, t, z, dt, k1).z)
         t += dt
         k1 = _f_np(t, z)
     return np.abs(np.asarray(z) - exact(t_end)).max()
@@ -278,23 +315,21 @@ def fixed_step_error(tab, dt, t_end=2.0):
 @pytest.mark.parametrize("name", ALL)
 def test_rk_step_convergence_order(name):
     """The propagated (b) solution of every method, adaptive ones included, has order p."""
-    tab = tableau(name)
+    method = solvers.SOLVERS[name]()
     dts = STEP_DTS[name]
-    errors = [fixed_step_error(tab, dt, STEP_SPAN.get(name, 2.0)) for dt in dts]
+    errors = [fixed_step_error(method, dt, STEP_SPAN.get(name, 2.0)) for dt in dts]
     assert min(errors) > 1e-14, errors  # above rounding: the slope means something
     observed = slope(dts, errors)
     assert abs(observed - ORDER[name]) <= SLOPE_TOLERANCE.get(name, 0.3), (name, observed, errors)
 
 
-def dense_local_error(tab, h, t0=0.3):
+def dense_local_error(method, h, t0=0.3):
     """One step of size h from the exact state; worst interpolation error inside it."""
     z = exact(t0)
-    k1 = _f_np(t0, z)
-    z1, stages = rk_step(tab, _f_np, t0, z, k1, h)[:2]  # (z_1, stages, ...)
-    stages = [*stages, _f_np(t0 + h, z1)]
+    step = method.step(_f_np, t0, z, h, _f_np(t0, z))
     worst = 0.0
     for theta in (0.25, 0.5, 0.8):
-        value = np.asarray(interpolate(tab, jnp.asarray(z), h, stages, theta))
+        value = np.asarray(method.interpolate(jnp.asarray(z), h, step.dense, theta))
         worst = max(worst, np.abs(value - exact(t0 + theta * h)).max())
     return worst
 
@@ -306,9 +341,8 @@ def dense_local_error(tab, h, t0=0.3):
 @pytest.mark.parametrize("name", [n for n in ALL if n != "dopri8"])
 def test_dense_output_convergence_order(name):
     """The interpolant of order q has local error O(h^(q+1)) inside a step."""
-    tab = tableau(name)
     hs = [0.1, 0.05, 0.025]
-    errors = [dense_local_error(tab, h) for h in hs]
+    errors = [dense_local_error(solvers.SOLVERS[name](), h) for h in hs]
     assert min(errors) > 1e-14, errors
     observed = slope(hs, errors)
     assert abs(observed - (MIN_DENSE_ORDER[name] + 1)) <= 0.3, (name, observed, errors)

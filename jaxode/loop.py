@@ -1,0 +1,271 @@
+"""The solve: one `lax.while_loop` that only keeps books.
+
+Each pass makes one step attempt (the solver), accepts or rejects it (the controller),
+fills the output times it passed by dense output, and updates stats and status. The
+state is one flat vector. Integration backwards in time runs forwards in τ = -t on the
+negated vector field, so the loop only ever moves to larger times: `solve` is the one
+place where the direction is handled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .control import AbstractController, initial_step
+from .solvers import AbstractSolver
+
+# Run-time outcomes, `Solution.status`.
+SUCCESS, MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NONFINITE_STATE, TS_NOT_MONOTONIC = range(5)
+STATUS_MESSAGES = (
+    "success",
+    "jaxode: max_steps reached before the end of the integration; raise max_steps, "
+    "loosen rtol/atol, or check the vector field for stiffness",
+    "jaxode: step size underflow (t + dt == t): the step size became too small for the "
+    "floating-point precision of t, the usual float32 failure on stiff or very "
+    "tight-tolerance problems; use float64 or loosen rtol/atol",
+    "jaxode: non-finite state: the vector field produced NaN or inf",
+    "jaxode: ts must be strictly increasing or strictly decreasing",
+)
+
+SAVE_CHUNK = 4  # outputs filled per pass of the output loop
+
+
+class Static(NamedTuple):
+    """A solve's settings that shape the compiled program (hashable)."""
+
+    solver: AbstractSolver
+    controller: AbstractController
+    max_steps: int
+    dense: bool = False
+    checkpointed: bool = False  # reverse-differentiable loop (adjoint="direct")
+    error_size: int | None = None  # only z[:error_size] enters the error norm
+    automatic_dt0: bool = True
+
+
+class Traced(NamedTuple):
+    """A solve's traced numbers."""
+
+    rtol: jax.Array
+    atol: jax.Array
+    dt0: jax.Array  # used when not Static.automatic_dt0
+
+
+class History(NamedTuple):
+    """Every step attempt, for `Solution.evaluate`: unused rows have t_start = +inf."""
+
+    t_start: jax.Array  # (max_steps,), in τ
+    dt: jax.Array
+    z_start: jax.Array  # (max_steps, n)
+    dense: Any  # the solver's dense info, each leaf with a leading max_steps axis
+
+
+class Result(NamedTuple):
+    zs: jax.Array  # (len(ts), n); rows never reached are NaN
+    stats: dict
+    status: jax.Array
+    history: History | None
+    dt_next: jax.Array  # the controller's proposal after the last step
+
+
+class _Carry(NamedTuple):
+    t: jax.Array
+    z: jax.Array
+    solver_state: Any
+    dt: jax.Array
+    controller_state: Any
+    next_output: jax.Array
+    zs: jax.Array | None  # None when only the end points are output
+    num_steps: jax.Array
+    num_accepted: jax.Array
+    status: jax.Array
+    history: History | None
+
+
+def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
+    """Solve dz/dt = f(t, z) on a flat z from ts[0] (increasing or decreasing) with an
+    output at every time in ts."""
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
+    f_tau = lambda tau, z: direction * f(direction * tau, z)
+    taus = direction * ts
+    init, step, unfinished, finish = pieces(f_tau, z0, taus, static, traced)
+    if static.checkpointed:
+        final = eqxi.while_loop(
+            unfinished, lambda c: step(c)[0], init(), max_steps=static.max_steps,
+            buffers=lambda c: c.history, kind="checkpointed",
+        )
+    else:
+        masked = lambda c: masked_step(step, unfinished, c)[0]
+        final = lax.while_loop(lambda c: eqxi.unvmap_any(unfinished(c)), masked, init())
+    return finish(final)
+
+
+def masked_step(step, unfinished, c: _Carry):
+    """`step` on the unfinished lanes only (of a vmapped solve, or of a (lanes, n) state).
+    The loop runs while any lane is unfinished, masking the finished ones itself: a
+    batched loop condition would make XLA select every carry leaf, the output and history
+    buffers included, at every step. Returns the carry and the step's (dt, accept)."""
+    active = unfinished(c)
+    new, record = step(c, active)
+    small = lambda c: c._replace(zs=None, history=None)
+    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), small(new), small(c))
+    return kept._replace(zs=new.zs, history=new.history), (record[0], record[1] & active)
+
+
+def pieces(f, z0, taus, static: Static, traced: Traced):
+    """init, step, unfinished and finish of the loop over dz/dτ = f(τ, z), τ increasing.
+
+    z0 is one state (n,) or a batch of lanes (lanes, n), each lane with its own t, dt
+    and status of shape (lanes, 1) (the adjoint's lane-batched backward pass)."""
+    solver, controller = static.solver, static.controller
+    n, num_outputs = z0.shape[0], taus.shape[0]
+    t0, t_end = taus[0], taus[-1]
+    int_ = jnp.int32
+    eps = jnp.finfo(taus.dtype).eps
+    lanes = z0.shape[:-1] + (1,) if z0.ndim > 1 else ()
+    all_finite = lambda z: jnp.all(jnp.isfinite(z), axis=-1, keepdims=z.ndim > 1)
+
+    def init() -> _Carry:
+        status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
+        f0 = f(t0, z0)
+        solver_state = solver.init(f, t0, z0, f0)
+        if static.automatic_dt0:
+            dt = initial_step(f, t0, z0, f0, solver.order, traced.rtol, traced.atol,
+                              static.error_size)
+            dt = lax.stop_gradient(dt.astype(taus.dtype))
+        else:
+            dt = traced.dt0.astype(taus.dtype)
+        # A non-finite start would otherwise spin through max_steps rejected steps.
+        status = jnp.where(all_finite(z0) & jnp.isfinite(dt), status, NONFINITE_STATE)
+        zs = None
+        if num_outputs > 2:
+            zs = jnp.full((num_outputs, n), jnp.nan, z0.dtype).at[0].set(z0)
+        history = None
+        if static.dense:
+            dense = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state).dense)
+            rows = lambda x: jnp.zeros((static.max_steps, *x.shape), x.dtype)
+            history = History(
+                t_start=jnp.full((static.max_steps,), jnp.inf, taus.dtype),
+                dt=jnp.ones((static.max_steps,), taus.dtype),
+                z_start=jnp.zeros((static.max_steps, n), z0.dtype),
+                dense=jax.tree_util.tree_map(rows, dense),
+            )
+        zero = jnp.zeros(lanes, int_)
+        return _Carry(jnp.broadcast_to(t0, lanes), z0, solver_state, jnp.broadcast_to(dt, lanes),
+                      jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, lanes).astype(
+                          taus.dtype), controller.init()), jnp.ones(lanes, int_), zs, zero, zero,
+                      jnp.broadcast_to(status, lanes).astype(int_), history)
+
+    def step(c: _Carry, active=True):
+        """One step attempt. `active` is False for a lane that has finished while others
+        go on (a vmapped solve): its outputs and history stay untouched."""
+        # A last step within rounding of dt is stretched rather than followed by a sliver.
+        last = t_end - c.t <= c.dt * (1 + 100 * eps)
+        dt = jnp.where(last, t_end - c.t, c.dt)
+        t_new = jnp.where(last, t_end, c.t + dt)
+        attempt = solver.step(f, c.t, c.z, dt, c.solver_state)
+        part = (..., slice(static.error_size))
+        # Step-size decisions are held constant under differentiation.
+        error, z_start, z_end = lax.stop_gradient((attempt.error, c.z[part], attempt.z[part]))
+        accept, dt_next, controller_state = controller.adapt(
+            dt, None if error is None else error[part], z_start, z_end, traced.rtol,
+            traced.atol, solver.error_order, c.controller_state)
+        # After a final step shortened to land on t_end, hand on the unshortened proposal.
+        dt_next = jnp.where(last & accept, jnp.maximum(dt_next, c.dt), dt_next)
+        zs, next_output = c.zs, c.next_output
+        if zs is not None:
+            save = _save_masked if static.checkpointed else _save
+            zs, next_output = save(solver, taus, zs, next_output, c.t, c.z, dt, t_new,
+                                   attempt, accept & active)
+        history = c.history
+        if history is not None:
+            # One row per attempt, each written once. A rejected attempt shares its t_start
+            # with the accepted one that follows, which comes later in the rows and so is
+            # the one `evaluate` finds.
+            row = lambda buffer, x: buffer.at[c.num_steps].set(x)
+            history = jax.tree_util.tree_map(row, history, History(
+                jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
+        t = jnp.where(accept, t_new, c.t)
+        num_steps = c.num_steps + 1
+        unfinished = t < t_end
+        stuck = unfinished & (t + dt_next <= t)
+        failure = jnp.where(all_finite(attempt.z), STEP_SIZE_UNDERFLOW, NONFINITE_STATE)
+        status = jnp.where(stuck & (c.status == SUCCESS), failure, c.status)
+        status = jnp.where((status == SUCCESS) & unfinished & (num_steps >= static.max_steps),
+                           MAX_STEPS_REACHED, status)
+        keep = lambda new, old: jnp.where(accept, new, old)
+        return _Carry(
+            t, keep(attempt.z, c.z), jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
+            dt_next, controller_state, next_output, zs, num_steps,
+            c.num_accepted + accept.astype(int_), status.astype(int_), history,
+        ), (dt, accept)
+
+    def unfinished(c: _Carry):
+        return (c.t < t_end) & (c.status == SUCCESS)
+
+    initial_nfe = 1 + solver.init_nfe + (1 if static.automatic_dt0 else 0)
+
+    def finish(c: _Carry) -> Result:
+        if c.zs is None:
+            end = jnp.where(c.t == t_end, c.z, jnp.nan)
+            zs = jnp.stack([z0, end])
+        else:
+            zs = c.zs
+        stats = dict(nfe=initial_nfe + solver.step_nfe * c.num_steps, num_steps=c.num_steps,
+                     num_accepted=c.num_accepted, num_rejected=c.num_steps - c.num_accepted)
+        return Result(zs, stats, c.status, c.history, c.dt)
+
+    return init, step, unfinished, finish
+
+
+def _save(solver, taus, zs, next_output, t, z, dt, t_new, attempt, accept):
+    """Fill every output time in (t, t_new] by dense output; steps never shrink for them.
+    Each pass fills SAVE_CHUNK outputs in one scatter, outputs beyond the step (and, under
+    vmap, those of lanes with nothing to write) aimed past the buffer's end and dropped."""
+    num_outputs = taus.shape[0]
+
+    def pending(state):
+        index, _ = state
+        return accept & (index < num_outputs) & (taus[jnp.minimum(index, num_outputs - 1)] <= t_new)
+
+    def fill(state):
+        index, zs = state
+        indices = index + jnp.arange(SAVE_CHUNK, dtype=index.dtype)
+        tau = taus[jnp.minimum(indices, num_outputs - 1)]
+        write = accept & (indices < num_outputs) & (tau <= t_new)
+        values = jax.vmap(lambda tau: solver.interpolate(z, dt, attempt.dense, (tau - t) / dt))(tau)
+        values = jnp.where((tau == t_new)[:, None], attempt.z, values)
+        zs = zs.at[jnp.where(write, indices, num_outputs)].set(values, mode="drop")
+        return index + jnp.sum(write, dtype=index.dtype), zs
+
+    next_output, zs = lax.while_loop(lambda s: eqxi.unvmap_any(pending(s)), fill, (next_output, zs))
+    return zs, next_output
+
+
+def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, attempt, accept):
+    """As `_save`, by evaluating the dense output at every output time: no inner loop to
+    differentiate, O(len(ts)) work per step."""
+    inside = accept & (taus > t) & (taus <= t_new)
+    # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
+    # here would leak through the mask into the gradient.
+    safe_dt = jnp.where(dt == 0, 1, dt)
+    at = lambda tau: solver.interpolate(z, dt, attempt.dense, (tau - t) / safe_dt)
+    values = jax.vmap(at)(taus)
+    values = jnp.where((taus == t_new)[:, None], attempt.z, values)
+    zs = jnp.where(inside[:, None], values, zs)
+    return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
+
+
+def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end):
+    """The flat state at τ from the stored steps; NaN outside [τ_0, τ_end]."""
+    index = jnp.searchsorted(history.t_start, tau, side="right") - 1
+    index = jnp.clip(index, 0, jnp.maximum(num_steps - 1, 0))
+    dt = history.dt[index]
+    row = jax.tree_util.tree_map(lambda x: x[index], history.dense)
+    z = solver.interpolate(history.z_start[index], dt, row, (tau - history.t_start[index]) / dt)
+    inside = (tau >= history.t_start[0]) & (tau <= tau_end)
+    return jnp.where(inside, z, jnp.nan)
