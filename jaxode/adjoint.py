@@ -247,7 +247,9 @@ class _JointAccumulator:
         result = _backsolve(self.augmented, self.inner, y, jnp.stack([t_start, t_stop]),
                             self.params, self.consts, tols)
         y_end, n = result.zs[-1], self.n
-        return (y_end[None, n: 2 * n], y_end[2 * n:].astype(a_theta.dtype), result.dt_next[None],
+        # a_θ rides in a complex state as a real vector: its imaginary part stays zero.
+        return (y_end[None, n: 2 * n], jnp.real(y_end[2 * n:]).astype(a_theta.dtype),
+                result.dt_next[None],
                 result.stats["nfe"][None], result.status[None])
 
 

@@ -459,3 +459,104 @@ def test_vmapped_direct_gradient_with_unequal_step_counts():
     one_by_one = sum(jax.grad(lambda p: jnp.sum(solve(z, p) ** 2))(1.5) for z in z0s)
     assert np.isfinite(batched)
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-10)
+
+
+# ----------------------------------------------------------------- adjoints as objects
+
+
+def _decay(z, t, p):
+    return jnp.stack([-p[0] * z[0] + jnp.sin(t) * z[1], -p[1] * z[1] * z[0]])
+
+
+P0, Z0_SMALL, TS_SMALL = jnp.array([0.7, 0.3]), jnp.array([1.0, 0.5]), jnp.linspace(0, 2.0, 4)
+
+
+def _small_loss(p, z0, *, adjoint, ts=TS_SMALL):
+    zs = jaxode.odeint(_decay, z0, ts, p, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    return jnp.sum(zs[-1] ** 2) + jnp.sum(zs[1])
+
+
+def _central_difference(fn, x, eps=1e-6):
+    return np.array([(fn(x + eps * e) - fn(x - eps * e)) / (2 * eps) for e in np.eye(len(x))])
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol", "solver", "seminorm"])
+def test_flat_adjoint_keywords_are_refused_naming_the_backsolve_field(name):
+    keyword = {"rtol": "adjoint_rtol", "atol": "adjoint_atol", "solver": "adjoint_solver",
+               "seminorm": "seminorm"}[name]
+    with pytest.raises(TypeError, match=rf"{keyword}: removed.*Backsolve\({name}="):
+        jaxode.odeint(_decay, Z0_SMALL, TS_SMALL, P0, **{keyword: None})
+
+
+def test_adjoint_strings_are_the_objects():
+    for name, adjoint in [("backsolve", jaxode.Backsolve()), ("direct", jaxode.Direct())]:
+        by_name = jax.grad(functools.partial(_small_loss, adjoint=name))(P0, Z0_SMALL)
+        by_object = jax.grad(functools.partial(_small_loss, adjoint=adjoint))(P0, Z0_SMALL)
+        np.testing.assert_array_equal(by_name, by_object)
+
+
+def test_backsolve_object_validation():
+    with pytest.raises(ValueError, match="Backsolve.rtol"):
+        jaxode.Backsolve(rtol=-1.0)
+    with pytest.raises(ValueError, match="Backsolve.solver"):
+        jaxode.Backsolve(solver="nope")
+    with pytest.raises(ValueError, match="adjoint"):
+        jaxode.odeint(_decay, Z0_SMALL, TS_SMALL, P0, adjoint="nope")
+
+
+def test_forward_mode_matches_finite_differences_and_reverse():
+    jac_fwd = jax.jacfwd(functools.partial(_small_loss, adjoint="forward"))(P0, Z0_SMALL)
+    jac_rev = jax.jacrev(functools.partial(_small_loss, adjoint=jaxode.Direct()))(P0, Z0_SMALL)
+    fd = _central_difference(lambda p: float(_small_loss(p, Z0_SMALL, adjoint="forward")),
+                             np.asarray(P0))
+    np.testing.assert_allclose(jac_fwd, fd, rtol=1e-6)
+    np.testing.assert_allclose(jac_fwd, jac_rev, rtol=1e-7)
+    # jvp through solve, with respect to z0
+    _, tangent = jax.jvp(lambda z: jaxode.solve(_decay, z, TS_SMALL, P0, adjoint="forward",
+                                                rtol=1e-10, atol=1e-10).zs[-1],
+                         (Z0_SMALL,), (jnp.array([1.0, 0.0]),))
+    fd_z = (jaxode.odeint(_decay, Z0_SMALL + jnp.array([1e-6, 0]), TS_SMALL, P0, rtol=1e-10,
+                          atol=1e-10)[-1] - jaxode.odeint(_decay, Z0_SMALL - jnp.array(
+                              [1e-6, 0]), TS_SMALL, P0, rtol=1e-10, atol=1e-10)[-1]) / 2e-6
+    np.testing.assert_allclose(tangent, fd_z, rtol=1e-6)
+
+
+def test_forward_over_forward_hessian_matches_finite_differences_of_gradient():
+    loss = functools.partial(_small_loss, adjoint="forward")
+    hessian = jax.jacfwd(jax.jacfwd(loss))(P0, Z0_SMALL)
+    grad = jax.grad(functools.partial(_small_loss, adjoint="backsolve"))
+    fd = _central_difference(lambda p: np.asarray(grad(jnp.asarray(p), Z0_SMALL)),
+                             np.asarray(P0), eps=1e-5)
+    np.testing.assert_allclose(hessian, hessian.T, rtol=1e-8)
+    np.testing.assert_allclose(hessian, fd, rtol=1e-4, atol=1e-7)
+
+
+def test_reverse_mode_through_forward_is_a_type_error_naming_adjoint():
+    with pytest.raises(TypeError, match="adjoint"):
+        jax.grad(functools.partial(_small_loss, adjoint="forward"))(P0, Z0_SMALL)
+
+
+def test_forward_mode_through_reverse_adjoints_is_a_type_error():
+    for adjoint in ("backsolve", "direct"):
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(lambda p: _small_loss(p, Z0_SMALL, adjoint=adjoint), (P0,), (P0,))
+
+
+def test_grad_of_grad_through_direct_is_a_type_error_naming_adjoint():
+    inner = jax.grad(functools.partial(_small_loss, adjoint="direct"))
+    with pytest.raises(TypeError, match="adjoint.*backsolve"):
+        jax.grad(lambda p: jnp.sum(inner(p, Z0_SMALL)))(P0)
+
+
+def test_lanes_backward_nfe_counts_the_quadrature():
+    """batch_axis: the parameter quadrature linearises each step's first stage once more."""
+    z0s = jnp.stack([Z0_SMALL, 2 * Z0_SMALL])
+    joint = jaxode.adjoint_nfe(_decay, z0s[1], TS_SMALL, P0)
+    lanes = jaxode.adjoint_nfe(_decay, z0s, TS_SMALL, P0, batch_axis=0)
+    assert lanes["backward"].shape == (2,)
+    assert int(lanes["backward"][1]) > int(joint["backward"]) // 2
+    grads = jax.grad(lambda p: jnp.sum(jaxode.odeint(_decay, z0s, TS_SMALL, p, batch_axis=0,
+                                                     rtol=1e-10, atol=1e-10)[-1]))(P0)
+    vmapped = jax.grad(lambda p: jnp.sum(jax.vmap(lambda z: jaxode.odeint(
+        _decay, z, TS_SMALL, p, rtol=1e-10, atol=1e-10))(z0s)[:, -1]))(P0)
+    np.testing.assert_allclose(grads, vmapped, rtol=1e-7)

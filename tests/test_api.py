@@ -564,3 +564,106 @@ def test_vmap_with_throw_raises_if_any_lane_fails():
     run = jax.jit(jax.vmap(lambda z: jaxode.odeint(blow_up, z, ts)))
     with pytest.raises(RUNTIME_ERRORS, match="underflow"):
         jax.block_until_ready(run(jnp.array([[1.0], [-1.0]])))
+
+
+# ------------------------------------------------------------------ complex states
+
+
+def test_complex_linear_system_matches_expm():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    a = jnp.array([[-0.2 + 1.0j, 0.3], [-0.1j, -0.5 + 0.2j]])
+    z0 = jnp.array([1.0 + 0.5j, -0.3j])
+    ts = jnp.linspace(0.0, 2.0, 5)
+    zs = jaxode.odeint(lambda z, t, a: a @ z, z0, ts, a, rtol=1e-10, atol=1e-12)
+    assert zs.dtype == jnp.complex128
+    expected = np.stack([scipy_linalg.expm(np.asarray(a) * t) @ np.asarray(z0) for t in ts])
+    np.testing.assert_allclose(zs, expected, rtol=1e-8)
+    zs64 = jaxode.odeint(lambda z, t, a: a @ z, z0.astype(jnp.complex64), ts.astype(jnp.float32),
+                         a.astype(jnp.complex64), rtol=1e-5, atol=1e-7)
+    assert zs64.dtype == jnp.complex64
+    np.testing.assert_allclose(zs64, expected, rtol=1e-4)
+
+
+def _complex_loss(w, adjoint="backsolve"):
+    """A real loss of a complex, nonlinear solve with real parameters w."""
+    field = lambda z, t, w: (w[0] * 1j - w[1]) * z + 0.1 * w[2] * z * jnp.conj(z)
+    z0 = jnp.array([1.0 + 0.2j, 0.5j])
+    zs = jaxode.odeint(field, z0, jnp.array([0.0, 0.5, 1.0]), w, rtol=1e-11, atol=1e-11,
+                       adjoint=adjoint)
+    return jnp.sum(jnp.abs(zs[-1]) ** 2) + jnp.sum(jnp.real(zs[1]))
+
+
+def test_complex_gradients_match_finite_differences_second_order_included():
+    w = jnp.array([1.3, 0.4, 0.7])
+    eps = 1e-6
+    grad = jax.grad(_complex_loss)(w)
+    fd = np.array([(_complex_loss(w + eps * e) - _complex_loss(w - eps * e)) / (2 * eps)
+                   for e in np.eye(3)])
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(functools.partial(_complex_loss, adjoint="direct"))(w),
+                               grad, rtol=1e-7)
+    hessian = jax.jacrev(jax.grad(_complex_loss))(w)
+    fd2 = np.array([(jax.grad(_complex_loss)(w + 1e-5 * e) - jax.grad(_complex_loss)(w - 1e-5 * e))
+                    / 2e-5 for e in np.eye(3)])
+    np.testing.assert_allclose(hessian, fd2, rtol=1e-4, atol=1e-6)
+
+
+def test_complex_gradient_with_respect_to_complex_z0():
+    """JAX's convention: for a real loss, grad w.r.t. complex z is conj(dL/dx + i dL/dy)."""
+    f = lambda z, t, p: (-0.3 + 1j) * z
+    loss = lambda z0: jnp.sum(jnp.abs(jaxode.odeint(f, z0, jnp.array([0.0, 1.0]), rtol=1e-11,
+                                                     atol=1e-11)[-1]) ** 2)
+    z0 = jnp.array([1.0 + 0.5j])
+    grad = jax.grad(loss)(z0)
+    dx = (loss(z0 + 1e-6) - loss(z0 - 1e-6)) / 2e-6
+    dy = (loss(z0 + 1e-6j) - loss(z0 - 1e-6j)) / 2e-6
+    np.testing.assert_allclose(grad, np.conj(dx + 1j * dy), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ sharp edges
+
+
+def test_dense_history_is_kept_only_when_asked_for():
+    big = jnp.zeros(10**6)
+    sol = jax.eval_shape(lambda z: jaxode.solve(lambda z, t, p: -z, z, jnp.array([0.0, 1.0])), big)
+    assert sol.history is None  # no max_steps x stages x n buffer
+    with pytest.raises(ValueError, match="dense"):
+        jaxode.solve(lambda z, t, p: -z, jnp.ones(2), jnp.array([0.0, 1.0])).evaluate(0.5)
+    dense = jaxode.solve(lambda z, t, p: -z, jnp.ones(2), jnp.array([0.0, 1.0]), dense=True)
+    np.testing.assert_allclose(dense.evaluate(0.5), np.exp(-0.5), rtol=1e-6)
+
+
+def test_evaluate_outside_the_span_is_nan():
+    sol = jaxode.solve(lambda z, t, p: -z, jnp.ones(2), jnp.array([1.0, 0.0]), dense=True)
+    for t in (-0.1, 1.1):
+        assert np.isnan(np.asarray(sol.evaluate(t))).all()
+    assert np.isfinite(np.asarray(sol.evaluate(0.0))).all()
+
+
+def test_eager_calls_reuse_the_compiled_solve():
+    f = lambda z, t, p: -p * z
+    traces = []
+    counted = lambda z, t, p: (traces.append(1), f(z, t, p))[1]
+    for p in (1.0, 2.0, 3.0):
+        jaxode.odeint(counted, jnp.ones(2), jnp.array([0.0, 1.0]), jnp.asarray(p))
+    assert len(traces) <= 3  # traced once (f is called a few times while tracing), not per call
+    first = len(traces)
+    jaxode.odeint(counted, jnp.ones(2), jnp.array([0.0, 2.0]), jnp.asarray(4.0))
+    assert len(traces) == first
+
+
+@pytest.mark.parametrize("rtol, atol, match", [(0.0, 0.0, "rtol, atol"), (-1.0, 1e-6, "rtol")])
+def test_impossible_tolerances_are_refused(rtol, atol, match):
+    with pytest.raises(ValueError, match=match):
+        jaxode.odeint(lambda z, t, p: -z, jnp.ones(2), jnp.array([0.0, 1.0]), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_states_are_refused(dtype):
+    with pytest.raises(TypeError, match="z0"):
+        jaxode.odeint(lambda z, t, p: -z, jnp.ones(2, dtype), jnp.array([0.0, 1.0]))
+
+
+def test_solvers_are_public():
+    assert set(jaxode.SOLVERS) >= {"euler", "rk4", "dopri5", "tsit5", "dopri8"}
+    assert jaxode.SOLVERS["tsit5"] is jaxode.Tsit5
