@@ -24,7 +24,8 @@ def scaled(ratio):
 
 def test_error_ratio_is_hairer_rms_norm():
     error = jnp.array([3e-3, -4e-3])
-    expected = np.sqrt(np.mean((np.array([3e-3, 4e-3]) / (1e-6 + 1e-3 * np.array([1.0, 2.0]))) ** 2))
+    scale = 1e-6 + 1e-3 * np.array([1.0, 2.0])
+    expected = np.sqrt(np.mean((np.array([3e-3, 4e-3]) / scale) ** 2))
     np.testing.assert_allclose(error_ratio(error, Z0, Z1, 1e-3, 1e-6), expected, rtol=1e-12)
 
 
