@@ -214,6 +214,7 @@ class _FlowExperiment(Experiment):
 
 
 class DensityMatching(_FlowExperiment):
+    progress_fields = ("kl", "nfe")  # each flow's loss ("<flow>/kl"), not their sum
     Config = MatchingConfig
     title = "Density matching: planar CNF against planar NF (Figure 4)"
 
@@ -299,6 +300,7 @@ class DensityMatching(_FlowExperiment):
 
 
 class MaxLikelihood(_FlowExperiment):
+    progress_fields = ("nll", "nfe")  # each flow's loss ("<flow>/nll"), not their sum
     Config = MLConfig
     title = "Maximum likelihood: CNF against planar NF on 2-D data (Figures 5-6)"
 

@@ -7,30 +7,30 @@ import os
 
 from .config import ConfigError, RunConfig, apply_overrides, build, read_yaml
 
-# kind: (module, class, one-line description)
+# kind: (module of this package, class, one-line description)
 KINDS: dict[str, tuple[str, str, str]] = {
     "ode_demo": (
-        "experiments.ode_demo", "ODEDemo",
+        "ode_demo", "ODEDemo",
         "learn the dynamics dz/dt = z^3 A from trajectory snippets (no jaxode.nn model)",
     ),
     "odenet": (
-        "experiments.odenet", "ODENetClassification",
+        "odenet", "ODENetClassification",
         "image classification: ODE-Net against ResNet, RK-Net and an MLP (Table 1)",
     ),
     "nfe_study": (
-        "experiments.nfe_study", "NFEStudy",
+        "nfe_study", "NFEStudy",
         "a trained ODE-Net's NFE against error, time, backward NFE and training (Figure 3)",
     ),
     "latent_ode": (
-        "experiments.latent_ode", "LatentODESpirals",
+        "latent_ode", "LatentODESpirals",
         "latent ODE against an RNN on irregularly sampled spirals (Section 5.1, Table 2)",
     ),
     "cnf_density_matching": (
-        "experiments.cnf", "DensityMatching",
+        "cnf", "DensityMatching",
         "planar CNF against planar NF fitted to unnormalised 2-D densities (Figure 4)",
     ),
     "cnf_ml": (
-        "experiments.cnf", "MaxLikelihood",
+        "cnf", "MaxLikelihood",
         "CNF against planar NF by maximum likelihood on 2-D data (Figures 5-6)",
     ),
 }
@@ -40,7 +40,7 @@ def experiment_class(kind: str, file: str | None = None):
     if kind not in KINDS:
         raise ConfigError(file, "kind", f"unknown kind {kind!r}; expected one of {list(KINDS)}")
     module, name, _ = KINDS[kind]
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 def load_config(path: str, overrides: list[str] | tuple = ()):

@@ -164,8 +164,9 @@ class Progress:
     """A rich progress bar (loss, NFE, speed) on a terminal; plain log lines otherwise."""
 
     def __init__(self, total: int, initial: int, fields: tuple[str, ...], enabled: bool = True,
-                 stream=None):
+                 stream=None, models: list[str] | tuple = ()):
         self.total, self.fields = total, fields
+        self.models = list(models)  # the order in which per-model values are shown
         self.stream = sys.stdout if stream is None else stream
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -205,11 +206,23 @@ class Progress:
         return (step - before) / (now - then) if now > then else 0.0
 
     def _info(self, values: dict) -> str:
+        """One entry per field; a field that several models log as "<model>/<field>"
+        shows each model's value ("odenet loss 0.41  resnet loss 0.38"), not their sum."""
         parts = []
         for name in self.fields:
-            if name in values and values[name] is not None:
+            per_model = sorted((k for k in values if k.endswith("/" + name)),
+                               key=lambda k: self._rank(k[: -len(name) - 1]))
+            if per_model:
+                for key in per_model:
+                    if values[key] is not None:
+                        model = key[: -len(name) - 1]
+                        parts.append(f"{model} {name} {format_value(float(values[key]))}")
+            elif name in values and values[name] is not None:
                 parts.append(f"{name} {format_value(float(values[name]))}")
         return "  ".join(parts)
+
+    def _rank(self, model: str) -> tuple[int, str]:
+        return (self.models.index(model) if model in self.models else len(self.models), model)
 
     def advance(self, step: int) -> None:
         if self._bar is not None:

@@ -215,15 +215,29 @@ def resolve_out_dir(cfg, out_dir: str | None) -> str:
 
 
 def run(experiment_cls, cfg, *, config_file: str | None = None, out_dir: str | None = None,
-        stream=None, progress: bool = True) -> RunResult:
-    """Train and evaluate one experiment, resuming from out_dir's checkpoint if any."""
+        stream=None, progress: bool = True, overrides: list[str] | tuple = ()) -> RunResult:
+    """Train and evaluate one experiment, resuming from out_dir's checkpoint if any.
+
+    Args:
+        experiment_cls: the `Experiment` subclass of the config's `kind:`.
+        cfg: the validated config (from `registry.load_config`).
+        config_file: the YAML file it came from, named in errors and in the summary.
+        out_dir: where the outputs go (default `cfg.out_dir`, else `runs/<name>`).
+        stream: where progress and the result table are printed (default stdout).
+        progress: show the progress bar (a terminal) or log lines (otherwise).
+        overrides: the `--set key=value` strings applied to the file, listed in
+            `summary.md` (they are already part of `cfg`).
+
+    Returns:
+        A `RunResult`: "complete", "stopped" (`train.stop_after`) or "interrupted".
+    """
     stream = sys.stdout if stream is None else stream
     initialize_distributed(cfg.distributed)
     previous_x64 = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", experiment_cls.needs_x64(cfg))
     try:
         return _run(experiment_cls, cfg, config_file, resolve_out_dir(cfg, out_dir), stream,
-                    progress)
+                    progress, list(overrides))
     finally:
         jax.config.update("jax_enable_x64", previous_x64)
 
@@ -246,7 +260,8 @@ def _check_resumable(cfg, out_dir: str, config_file: str | None) -> None:
         )
 
 
-def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress) -> RunResult:
+def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress,
+         overrides) -> RunResult:
     devices = jax.devices()
     if cfg.devices is not None:
         if cfg.devices > len(devices):
@@ -282,6 +297,7 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress) -> Ru
         train_step = make_train_step(experiment, tx, parallel)
         _WARM.extend([warm_key, experiment, tx, schedule, train_step])
     models = experiment.init_models(init_key)
+    names = list(models)  # the experiment's order (jax's tree functions sort dict keys)
     opt_states = {name: tx.init(params_of(m)) for name, m in models.items()}
 
     step, train_time, pending = 0, 0.0, []
@@ -327,9 +343,13 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress) -> Ru
 
     status = "complete"
     bar = Progress(total, step, experiment.progress_fields, enabled=show_progress and main,
-                   stream=stream)
+                   stream=stream, models=names)
     try:
         with _StopFlag(bar) as stop:
+            if step < target:
+                bar.message(f"training {cfg.name}: {', '.join(names)} for {total} steps "
+                            f"from step {step}; the first step compiles (a few seconds)")
+            first = True
             clock = time.perf_counter()
             while step < target:
                 batch = parallel.shard_batch(experiment.batch(step))
@@ -341,6 +361,9 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress) -> Ru
                 train_time, clock = train_time + (now - clock), now
                 if step % cfg.train.log_every == 0 or step == total:
                     bar.log(step, flush_log())
+                elif first:  # shown, not logged: the first line comes after one step
+                    bar.log(step, _to_floats(unlogged[-1:])[0])
+                first = False
                 bar.advance(step)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                     log.write({"step": step, "split": "eval",
@@ -375,8 +398,9 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress) -> Ru
     report = experiment.report(models, log)
     summary = None
     if main:
-        header = {"config": config_file or "-", "kind": cfg.kind, "steps": step,
-                  "seed": cfg.seed, "devices": parallel.size,
+        header = {"config": config_file or "-",
+                  "overrides": " ".join(f"`--set {o}`" for o in overrides) or "none",
+                  "kind": cfg.kind, "steps": step, "seed": cfg.seed, "devices": parallel.size,
                   "train time (s)": round(train_time, 1), "outputs": out_dir}
         summary = report.write(out_dir, header)
         say(f"\n{report.title} ({cfg.name}, {step} steps, {train_time:.1f} s training)\n")
