@@ -307,7 +307,7 @@ class _LaneAccumulator:
             records.clear()
             # The first stage is the previous step's last evaluation: linearise it again.
             self.lane_field(direction, records)(c.t, c.z)
-            c, (dt, accept) = loop.masked_step(step, unfinished, c)
+            c, (dt, accept) = step(c, unfinished(c))
             weights = jnp.where(accept, dt, 0).astype(z.dtype)
             for b_i, (pullback, a_i) in zip(b, records):  # stages 1..s; f_1's weight is 0
                 if b_i:

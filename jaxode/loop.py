@@ -99,21 +99,12 @@ def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
             buffers=lambda c: c.history, kind="checkpointed",
         )
     else:
-        masked = lambda c: masked_step(step, unfinished, c)[0]
-        final = lax.while_loop(lambda c: eqxi.unvmap_any(unfinished(c)), masked, init())
+        # The loop runs while any lane (of a vmapped solve) is unfinished; the step masks
+        # the finished ones itself: a batched loop condition would make XLA select every
+        # carry leaf, the output and history buffers included, at every step.
+        body = lambda c: step(c, unfinished(c))[0]
+        final = lax.while_loop(lambda c: eqxi.unvmap_any(unfinished(c)), body, init())
     return finish(final)
-
-
-def masked_step(step, unfinished, c: _Carry):
-    """`step` on the unfinished lanes only (of a vmapped solve, or of a (lanes, n) state).
-    The loop runs while any lane is unfinished, masking the finished ones itself: a
-    batched loop condition would make XLA select every carry leaf, the output and history
-    buffers included, at every step. Returns the carry and the step's (dt, accept)."""
-    active = unfinished(c)
-    new, record = step(c, active)
-    small = lambda c: c._replace(zs=None, history=None)
-    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), small(new), small(c))
-    return kept._replace(zs=new.zs, history=new.history), (record[0], record[1] & active)
 
 
 def pieces(f, z0, taus, static: Static, traced: Traced):
@@ -161,8 +152,8 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
                       jnp.broadcast_to(status, lanes).astype(int_), history)
 
     def step(c: _Carry, active=True):
-        """One step attempt. `active` is False for a lane that has finished while others
-        go on (a vmapped solve): its outputs and history stay untouched."""
+        """One step attempt, and its (dt, accept). `active` is False for a lane that has
+        finished while others go on: nothing of it changes."""
         # A last step within rounding of dt is stretched rather than followed by a sliver.
         last = t_end - c.t <= c.dt * (1 + 100 * eps)
         dt = jnp.where(last, t_end - c.t, c.dt)
@@ -174,13 +165,17 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
         accept, dt_next, controller_state = controller.adapt(
             dt, None if error is None else error[part], z_start, z_end, traced.rtol,
             traced.atol, solver.error_order, c.controller_state)
+        accept = accept & active
         # After a final step shortened to land on t_end, hand on the unshortened proposal.
         dt_next = jnp.where(last & accept, jnp.maximum(dt_next, c.dt), dt_next)
+        dt_next = jnp.where(active, dt_next, c.dt)
+        if controller_state is not None:
+            controller_state = jnp.where(active, controller_state, c.controller_state)
         zs, next_output = c.zs, c.next_output
         if zs is not None:
             save = _save_masked if static.checkpointed else _save
             zs, next_output = save(solver, taus, zs, next_output, c.t, c.z, dt, t_new,
-                                   attempt, accept & active)
+                                   attempt, accept)
         history = c.history
         if history is not None:
             # One row per attempt, each written once. A rejected attempt shares its t_start
@@ -190,8 +185,8 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
             history = jax.tree_util.tree_map(row, history, History(
                 jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
         t = jnp.where(accept, t_new, c.t)
-        num_steps = c.num_steps + 1
-        unfinished = t < t_end
+        num_steps = c.num_steps + jnp.asarray(active, int_)
+        unfinished = (t < t_end) & active
         stuck = unfinished & (t + dt_next <= t)
         failure = jnp.where(all_finite(attempt.z), STEP_SIZE_UNDERFLOW, NONFINITE_STATE)
         status = jnp.where(stuck & (c.status == SUCCESS), failure, c.status)
