@@ -84,6 +84,7 @@ class _Carry(NamedTuple):
     num_accepted: jax.Array
     status: jax.Array
     history: History | None
+    counts: dict  # the sums of the solver's per-attempt `Step.stats`
 
 
 def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
@@ -146,10 +147,12 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
                 dense=jax.tree_util.tree_map(rows, dense),
             )
         zero = jnp.zeros(lanes, int_)
+        probe = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state).stats)
+        counts = {key: zero for key in probe}
         return _Carry(jnp.broadcast_to(t0, lanes), z0, solver_state, jnp.broadcast_to(dt, lanes),
                       jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, lanes).astype(
                           taus.dtype), controller.init()), jnp.ones(lanes, int_), zs, zero, zero,
-                      jnp.broadcast_to(status, lanes).astype(int_), history)
+                      jnp.broadcast_to(status, lanes).astype(int_), history, counts)
 
     def step(c: _Carry, active=True):
         """One step attempt, and its (dt, accept). `active` is False for a lane that has
@@ -197,6 +200,7 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
             t, keep(attempt.z, c.z), jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
             dt_next, controller_state, next_output, zs, num_steps,
             c.num_accepted + accept.astype(int_), status.astype(int_), history,
+            {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
         ), (dt, accept)
 
     def unfinished(c: _Carry):
@@ -210,8 +214,13 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
             zs = jnp.stack([z0, end])
         else:
             zs = c.zs
-        stats = dict(nfe=initial_nfe + solver.step_nfe * c.num_steps, num_steps=c.num_steps,
-                     num_accepted=c.num_accepted, num_rejected=c.num_steps - c.num_accepted)
+        stats = {"nfe": solver.step_nfe * c.num_steps, "num_jacobians": 0,
+                 "num_linear_solves": 0, **c.counts}
+        stats["nfe"] = initial_nfe + stats["nfe"]
+        stats.update(num_steps=c.num_steps, num_accepted=c.num_accepted,
+                     num_rejected=c.num_steps - c.num_accepted)
+        zero = jnp.zeros_like(c.num_steps)
+        stats = {k: jnp.asarray(v, int_) + zero for k, v in stats.items()}
         return Result(zs, stats, c.status, c.history, c.dt)
 
     return init, step, unfinished, finish

@@ -16,6 +16,10 @@ class Step(NamedTuple):
     error: jax.Array | None  # the local error estimate (None: a fixed-step method)
     dense: Any  # what `interpolate` needs for a point inside the step
     state: Any  # the solver's state after the step, used if the step is accepted
+    # Counts of this attempt that vary from step to step, summed into `Solution.stats`
+    # (e.g. {"nfe": ..., "num_jacobians": ..., "num_linear_solves": ...}); "nfe", when
+    # given, replaces the solver's fixed `step_nfe`.
+    stats: dict = {}
 
 
 class AbstractSolver(eqx.Module):
@@ -23,7 +27,8 @@ class AbstractSolver(eqx.Module):
 
     `init` gives the solver's state at the start (from f0 = f(t0, z0)); `step` attempts
     one step and returns a `Step`; `interpolate` gives the state at a fraction θ of an
-    accepted step. An
+    accepted step. A step that cannot be trusted (a Newton iteration that did not
+    converge) returns a non-finite error, which the controller rejects. An
     implicit method keeps its Jacobian and Newton settings in its state, a multistep
     one its history; the loop only carries the state and keeps it when a step is
     accepted. Solvers are compared by value, so equal solvers share compiled code.
