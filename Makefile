@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup test test-all run bench lint clean
+.PHONY: setup test test-all run bench lint docs docs-serve wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check jaxode tests benchmarks experiments
+	$(BIN)/ruff check jaxode tests benchmarks experiments docs/hooks.py hatch_build.py
 
 test: lint
 	$(BIN)/pytest -q -m "not slow"
@@ -24,7 +25,22 @@ test-all: lint
 	$(BIN)/pytest -q
 
 run: setup
-	$(BIN)/jaxode run configs/odenet_digits_quick.yaml
+	$(BIN)/jaxode run odenet_digits_quick
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+# The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	$(BIN)/mkdocs serve
+
+# The wheel and sdist into dist/.
+wheel: setup
+	$(BIN)/python -m build --no-isolation --outdir dist .
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
@@ -34,4 +50,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.odenet_step
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site dist .pytest_cache .ruff_cache

@@ -265,7 +265,8 @@ class DensityMatching(_FlowExperiment):
             rows.append(row)
         figures = [self._plot(models, out)]
         curves = plot_curves(log.split("train"), [f"{n}/kl" for n in sorted(models)], out,
-                             "training.png", "E_q[log q - log p~] during training")
+                             "training.png", "E_q[log q - log p~] during training",
+                             group=lambda key: f"target {key.split('_')[1]}")
         figures += [curves] if curves else []
         notes = ["loss = E_q[log q(x) - log p~(x)] = KL(q||p) - log Z, estimated with "
                  f"{self.cfg.data.eval_samples} samples; lower is better",
@@ -349,7 +350,8 @@ class MaxLikelihood(_FlowExperiment):
             rows.append(row)
         figures = [self._plot(models, out), self._plot_flow(models, out)]
         curves = plot_curves(log.split("train"), [f"{n}/nll" for n in sorted(models)], out,
-                             "training.png", "training NLL")
+                             "training.png", "training NLL",
+                             group=lambda key: key.split("/")[0].split("_", 1)[1])
         figures += [curves] if curves else []
         notes = [f"test NLL in nats per 2-D sample, {self.cfg.data.test_samples} held-out "
                  "samples; lower is better"]

@@ -153,6 +153,7 @@ class RunConfig:
     kind: str
     name: str = ""  # default: the config file's stem; outputs go to runs/<name>
     description: str = ""
+    notes: list[str] = field(default_factory=list)  # lines added to summary.md's notes
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
     out_dir: str | None = None  # default runs/<name>; the CLI's --out wins

@@ -234,28 +234,40 @@ class LatentODESpirals(Experiment):
         return Report(self.title, rows, figures=figures, notes=notes)
 
     def _plot(self, models, out, n: int = 4):
+        """The first n test spirals, each panel the same size: a square view framed on
+        the true spiral (a prediction that leaves it is cut at the frame), one legend
+        below the panels."""
         w = self.cfg.data.n_window
         preds = self.predictions(models)
         plt = pyplot()
-        fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.7), squeeze=False)
+        label = {"latent_ode": "Latent ODE", "rnn": "RNN"}
         for i, ax in enumerate(axes[0]):
             clean = self.test.clean[i]
             seen = self.test.obs_mask[i]
+            observed = self.test.noisy[i, :w][seen]
             ax.plot(clean[:, 0], clean[:, 1], color="0.7", lw=1, label="truth")
-            ax.scatter(self.test.noisy[i, :w][seen, 0], self.test.noisy[i, :w][seen, 1], s=6,
-                       color="k", label="observed")
+            ax.scatter(observed[:, 0], observed[:, 1], s=6, color="k", label="observed")
             for name, color in (("latent_ode", "tab:blue"), ("rnn", "tab:red")):
                 if name in preds:
                     p = preds[name][i]
                     # The RNN's first prediction has read nothing yet: left out of the plot.
                     first = 1 if name == "rnn" else 0
                     ax.plot(p[first:w, 0], p[first:w, 1], color=color, lw=1.2,
-                            label=f"{name} recon")
+                            label=f"{label[name]}, reconstruction")
                     ax.plot(p[w:, 0], p[w:, 1], color=color, lw=1.2, ls="--",
-                            label=f"{name} extrap")
-            ax.set_aspect("equal")
+                            label=f"{label[name]}, extrapolation")
+            frame = np.concatenate([clean, observed])
+            center = (frame.max(0) + frame.min(0)) / 2
+            half = 0.6 * float((frame.max(0) - frame.min(0)).max()) + 1e-6
+            ax.set_xlim(center[0] - half, center[0] + half)
+            ax.set_ylim(center[1] - half, center[1] + half)
+            ax.set_aspect("equal", adjustable="box")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0][0].legend(fontsize=6, loc="best")
-        fig.tight_layout()
+            ax.set_title(f"test spiral {i + 1}", fontsize=9)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+                   frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         return save_figure(fig, out, "spirals.png")

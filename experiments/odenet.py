@@ -251,16 +251,17 @@ class ODENetClassification(ImageExperiment):
             })
         names = self.cfg.model.names
         figures = [f for f in (
-            plot_curves(train, [f"{n}/loss" for n in names], out, "train_loss.png",
-                        "training loss", logy=True),
             plot_curves(log.split("eval"), [f"{n}/test_error" for n in names], out,
-                        "test_error.png", "test error"),
+                        "test_error.png", "test error during training"),
+            plot_curves(train, [f"{n}/loss" for n in names], out, "train_loss.png",
+                        "training loss (cross-entropy)", logy=True),
             plot_curves(train, ["nfe"], out, "nfe.png", "ODE-Net forward NFE per batch"),
         ) if f]
         d = self.cfg.data
         notes = [f"data: {d.dataset}, {len(self.data['y_train'])} train / "
                  f"{len(self.data['y_test'])} test images of shape "
-                 f"{tuple(self.data['x_train'].shape[1:])}",
+                 f"{tuple(self.data['x_train'].shape[1:])}; one test image is "
+                 f"{100 / len(self.data['y_test']):.2f}% of the test error",
                  f"solver: {self.cfg.solver.method}, rtol={self.cfg.solver.rtol}, "
                  f"atol={self.cfg.solver.atol}, adjoint={self.cfg.solver.adjoint}"]
         return Report(self.title, rows, figures=figures, notes=notes)

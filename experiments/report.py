@@ -137,23 +137,83 @@ def save_figure(fig, out_dir: str, name: str) -> str:
     return name
 
 
+# Display names of the models and metrics that experiments log as "<model>/<metric>".
+MODEL_LABELS = {
+    "odenet": "ODE-Net", "resnet": "ResNet", "rknet": "RK-Net", "mlp": "MLP",
+    "latent_ode": "Latent ODE", "rnn": "RNN", "mlp_field": "MLP field",
+}
+METRIC_LABELS = {
+    "loss": "training loss", "test_error": "test error (%)", "acc": "training accuracy",
+    "nfe": "forward NFE", "kl": "E_q[log q - log p~]", "nll": "NLL (nats)",
+    "test_nll": "test NLL (nats)", "rmse_extrap": "extrapolation RMSE",
+    "rmse_recon": "reconstruction RMSE", "trajectory_l1": "trajectory L1",
+    "nfe_forward": "forward NFE", "nfe_backward": "backward NFE",
+}
+PERCENT_METRICS = ("test_error",)
+
+
+def model_label(name: str) -> str:
+    """"odenet" -> "ODE-Net"; flows "cnf_U1_M8" -> "CNF U1 M=8", "nf_moons" -> "NF moons"."""
+    if name in MODEL_LABELS:
+        return MODEL_LABELS[name]
+    kind, _, rest = name.partition("_")
+    if kind in ("cnf", "nf") and rest:
+        parts = rest.split("_")
+        if parts[-1][:1] == "M" and parts[-1][1:].isdigit():
+            parts[-1] = ("M=" if kind == "cnf" else "K=") + parts[-1][1:]
+        return " ".join([kind.upper(), *parts])
+    return name.replace("_", " ")
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def _series(records: list[dict], key: str, scale: float = 1.0):
+    points = [(r["step"], scale * r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def plot_curves(records: list[dict], keys: list[str], out_dir: str, name: str,
-                title: str = "", logy: bool = False) -> str | None:
-    """One panel per key: value against step, from metrics records."""
-    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+                title: str = "", logy: bool = False, group=None) -> str | None:
+    """Metrics against the training step, several models on one panel.
+
+    Keys "<model>/<metric>" are grouped into one panel per metric (or per `group(key)`
+    when given), each model a labelled curve ("odenet/test_error" -> "ODE-Net" on the
+    panel "test error (%)"); plain keys ("loss", "nfe") get a panel of their own. The
+    legend sits below its panel, clear of the data. Returns the file name, or None when
+    no key has a value.
+    """
+    keys = [k for k in keys if _series(records, k)[0]]
     if not keys:
         return None
+    panels: dict[str, list[str]] = {}
+    for key in keys:
+        model, _, metric = key.rpartition("/")
+        panel = group(key) if group is not None else (metric if model else key)
+        panels.setdefault(panel, []).append(key)
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30
-                else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        if logy and all(p[1] > 0 for p in points):
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.6), squeeze=False)
+    for ax, (panel, members) in zip(axes[0], panels.items()):
+        for key in members:
+            model, _, metric = key.rpartition("/")
+            xs, ys = _series(records, key, 100.0 if metric in PERCENT_METRICS else 1.0)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, lw=1.4,
+                    label=model_label(model) if model else None)
+        metric = members[0].rpartition("/")[2]
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric_label(metric))
+        if group is not None:
+            ax.set_title(panel, fontsize=10)
+        values = [y for k in members for y in _series(records, k)[1]]
+        if logy and values and min(values) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        if any(k.rpartition("/")[0] for k in members):
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8,
+                      ncol=min(4, len(members)), frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

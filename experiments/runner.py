@@ -42,7 +42,8 @@ from .report import MetricsLog, Progress, Report
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
-    "name", "description", "out_dir", "train.steps", "train.stop_after", "train.log_every",
+    "name", "description", "notes", "out_dir", "train.steps", "train.stop_after",
+    "train.log_every",
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size", "distributed",
     "devices",
 )
@@ -396,6 +397,7 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress,
 
         experiment.ctx = dataclasses.replace(ctx, out_dir=tempfile.mkdtemp(prefix="jaxode-"))
     report = experiment.report(models, log)
+    report.notes = list(report.notes) + list(cfg.notes)
     summary = None
     if main:
         header = {"config": config_file or "-",
@@ -410,7 +412,8 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress,
 
 
 # Keys that do not change what the experiment computes (only how long and how often).
-_NOT_COMPUTATION = ("name", "description", "out_dir", "train.stop_after", "train.log_every",
+_NOT_COMPUTATION = ("name", "description", "notes", "out_dir", "train.stop_after",
+                    "train.log_every",
                     "train.eval_every", "train.checkpoint_every", "distributed")
 _WARM: list = []  # [key, experiment, tx, schedule, train_step] of the last run
 
