@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .adams import Adams, ExplicitAdams, ImplicitAdams
 from .base import AbstractSolver, Step
 from .rk import (
     RK4,
@@ -22,7 +23,7 @@ from .tableau import ButcherTableau
 SOLVERS: dict[str, type[AbstractSolver]] = {
     cls.name: cls
     for cls in (Euler, Midpoint, Heun, Ralston, RK4, HeunEuler, Fehlberg2, Bosh3, Dopri5,
-                Tsit5, Dopri8)
+                Tsit5, Dopri8, ExplicitAdams, ImplicitAdams, Adams)
 }
 
 

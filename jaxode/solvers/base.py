@@ -50,6 +50,12 @@ class AbstractSolver(eqx.Module):
     @abc.abstractmethod
     def interpolate(self, z0, dt, dense, theta) -> jax.Array: ...
 
+    def current_error_order(self, state):
+        """The order of the error estimate of a step taken from `state` (the state a
+        step returns: the order of the step after it): `error_order`, except for a
+        variable-order method, whose state carries it."""
+        return self.error_order
+
     @property
     def adaptive(self) -> bool:
         return self.error_order is not None
