@@ -1,9 +1,11 @@
 """MkDocs hook: the API reference covers every public name, and each has a docstring.
 
-Every name in `jaxode.__all__` and `jaxode.nn.__all__` must appear in an
-`::: jaxode.NAME` (or `::: jaxode.nn.NAME`) block of a page under docs/api/, and must
-carry a docstring (for data such as `jaxode.SOLVERS`: a string right after the
-assignment). A missing one fails the build (`mkdocs build --strict`), naming it.
+Every name in `jaxode.__all__` and `jaxode.nn.__all__` is rendered from its docstring:
+those placed by hand in an `::: jaxode.NAME` block of a page under docs/api/, and any
+other (a name added since) at the end of its module's page (api/solving.md for
+`jaxode`, api/nn.md for `jaxode.nn`), under "Other public names". A public name
+without a docstring (for data such as `jaxode.SOLVERS`: a string right after the
+assignment) fails the build (`mkdocs build --strict`), naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from mkdocs.exceptions import PluginError
 log = logging.getLogger("mkdocs.hooks.api_coverage")
 
 PUBLIC_MODULES = ("jaxode", "jaxode.nn")
+PAGE_OF_MODULE = {"jaxode": "api/solving.md", "jaxode.nn": "api/nn.md"}
+_unplaced: dict[str, list[str]] = {}  # page -> public names on no page, filled pre-build
 # Data whose docstring (a string literal after the assignment) is still to be written in
 # the core modules; reported at INFO level until then. Empty this set once they have one.
 PENDING_DOCSTRINGS = {"jaxode.SOLVERS", "jaxode.STATUS_MESSAGES"}
@@ -38,6 +42,7 @@ def on_pre_build(config, **kwargs):
                           resolve_external=False)
     documented = _documented(config["docs_dir"])
     problems = []
+    _unplaced.clear()
     for module_path in PUBLIC_MODULES:
         module = package if module_path == "jaxode" else package[module_path.split(".", 1)[1]]
         exports = [e if isinstance(e, str) else e.name for e in (module.exports or [])]
@@ -46,7 +51,9 @@ def on_pre_build(config, **kwargs):
         for name in exports:
             full = f"{module_path}.{name}"
             if full not in documented:
-                problems.append(f"{full} is public but on no page under docs/api/")
+                log.info("%s is on no API page: appended to %s", full,
+                         PAGE_OF_MODULE[module_path])
+                _unplaced.setdefault(PAGE_OF_MODULE[module_path], []).append(full)
             try:
                 obj = module[name]
                 docstring = obj.docstring
@@ -60,3 +67,11 @@ def on_pre_build(config, **kwargs):
                     problems.append(f"{full} has no docstring")
     if problems:
         raise PluginError("API reference incomplete:\n  " + "\n  ".join(problems))
+
+
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    names = _unplaced.get(page.file.src_uri)
+    if not names:
+        return markdown
+    blocks = "\n\n".join(f"::: {name}" for name in names)
+    return f"{markdown}\n\n## Other public names\n\n{blocks}\n"
