@@ -14,6 +14,7 @@ from .solvers import (
     ButcherTableau,
     Dopri5,
     Dopri8,
+    ESDIRKTableau,
     Euler,
     ExplicitAdams,
     ExplicitRK,
@@ -21,8 +22,13 @@ from .solvers import (
     Heun,
     HeunEuler,
     ImplicitAdams,
+    Kvaerno3,
+    Kvaerno4,
+    Kvaerno5,
     Midpoint,
     Ralston,
+    Rodas5P,
+    RosenbrockTableau,
     Tsit5,
 )
 
@@ -36,4 +42,5 @@ __all__ = [
     "Euler", "Midpoint", "Heun", "Ralston", "RK4",
     "HeunEuler", "Fehlberg2", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
     "ExplicitAdams", "ImplicitAdams", "Adams",
+    "Kvaerno3", "Kvaerno4", "Kvaerno5", "Rodas5P", "ESDIRKTableau", "RosenbrockTableau",
 ]

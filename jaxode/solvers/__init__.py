@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .adams import Adams, ExplicitAdams, ImplicitAdams
 from .base import AbstractSolver, Step
+from .implicit import ESDIRK, AbstractStiffSolver, ESDIRKTableau, Kvaerno3, Kvaerno4, Kvaerno5
 from .rk import (
     RK4,
     Bosh3,
@@ -18,12 +19,14 @@ from .rk import (
     Ralston,
     Tsit5,
 )
+from .rosenbrock import Rodas5P, Rosenbrock, RosenbrockTableau
 from .tableau import ButcherTableau
 
 SOLVERS: dict[str, type[AbstractSolver]] = {
     cls.name: cls
     for cls in (Euler, Midpoint, Heun, Ralston, RK4, HeunEuler, Fehlberg2, Bosh3, Dopri5,
-                Tsit5, Dopri8, ExplicitAdams, ImplicitAdams, Adams)
+                Tsit5, Dopri8, ExplicitAdams, ImplicitAdams, Adams, Kvaerno3, Kvaerno4, Kvaerno5,
+                Rodas5P)
 }
 
 
@@ -46,4 +49,5 @@ def resolve_solver(solver, argument: str = "solver") -> AbstractSolver:
 
 
 __all__ = ["AbstractSolver", "ButcherTableau", "ExplicitRK", "SOLVERS", "Step",
+           "AbstractStiffSolver", "ESDIRK", "ESDIRKTableau", "Rosenbrock", "RosenbrockTableau",
            "resolve_solver", *(cls.__name__ for cls in SOLVERS.values())]
