@@ -15,7 +15,19 @@ def count_params(model) -> int:
     """The number of trainable scalars: the total size of the model's floating arrays.
 
     Works on a model or on its shapes (`equinox.filter_eval_shape(Model, ..., key=key)`),
-    which counts a large model without initialising it."""
+    which counts a large model without initialising it.
+
+    Args:
+        model: an Equinox module (or any pytree), or its shapes.
+
+    Returns:
+        The number of floating-point scalars, as a Python int.
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> count_params(eqx.nn.Linear(3, 2, key=jax.random.PRNGKey(0)))
+        8
+    """
 
     def is_float(x):
         return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jnp.issubdtype(

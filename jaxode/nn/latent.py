@@ -29,7 +29,20 @@ ENCODERS = ("gru", "rnn", "odernn")
 
 
 def gaussian_kl(mean, log_std):
-    """KL(N(mean, diag(exp(log_std)^2)) || N(0, I)), summed over the last axis."""
+    """KL(N(mean, diag(exp(log_std)^2)) || N(0, I)), summed over the last axis.
+
+    Args:
+        mean: the Gaussian's mean, (..., d).
+        log_std: the log of its standard deviations, (..., d).
+
+    Returns:
+        The KL divergence, with the last axis summed out.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(gaussian_kl(jnp.zeros(3), jnp.zeros(3)))
+        0.0
+    """
     return 0.5 * jnp.sum(jnp.exp(2 * log_std) + mean**2 - 1.0 - 2 * log_std, axis=-1)
 
 
@@ -38,7 +51,19 @@ def _mask_of(xs, mask):
 
 
 class RNNCell(eqx.Module):
-    """A plain (Elman) recurrent cell: h' = tanh(W [x, h] + b)."""
+    """A plain (Elman) recurrent cell: h' = tanh(W [x, h] + b).
+
+    Args:
+        input_size: the size of x.
+        hidden_size: the size of h.
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> cell = RNNCell(2, 5, key=jax.random.PRNGKey(0))
+        >>> cell(jnp.ones(2), jnp.zeros(5)).shape
+        (5,)
+    """
 
     linear: eqx.nn.Linear
 
@@ -63,6 +88,20 @@ class RNNEncoder(eqx.Module):
     of its final hidden state to (mean, log_std). Times with nothing observed leave the
     hidden state unchanged (so padding does not change the result).
     `encoder(ts, xs, mask)` returns (mean, log_std), each (latent_dim,), for z at ts[0].
+
+    Args:
+        obs_dim: D, the size of one observation.
+        hidden_size: the RNN's hidden units.
+        latent_dim: the size of z0.
+        cell: "gru" or "rnn".
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> encoder = RNNEncoder(obs_dim=2, latent_dim=4, key=jax.random.PRNGKey(0))
+        >>> mean, log_std = encoder(jnp.linspace(0.0, 1.0, 7), jnp.ones((7, 2)))
+        >>> mean.shape, log_std.shape
+        ((4,), (4,))
     """
 
     cell: eqx.Module
@@ -113,7 +152,28 @@ class ODERNNEncoder(SolverOptions):
     A linear map of h at ts[0] gives (mean, log_std) of q(z0 | x). h stays at zero
     until the latest observation (so trailing padding does not change the result).
     The ODE solves use `solver`, `rtol`, `atol`, `adjoint` and `max_steps` as
-    `jaxode.odeint` does."""
+    `jaxode.odeint` does.
+
+    Args:
+        obs_dim: D, the size of one observation.
+        hidden_size: the size of h.
+        latent_dim: the size of z0.
+        ode_hidden: the hidden units of the MLP giving dh/dt.
+        solver: the ODE solver, a name (see `jaxode.SOLVERS`) or a solver object.
+        rtol: relative tolerance of the solve.
+        atol: absolute tolerance of the solve.
+        adjoint: how gradients flow through the solve: "backsolve" (the adjoint
+            method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        max_steps: the most steps one solve may take (reaching it is an error).
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> encoder = ODERNNEncoder(obs_dim=2, latent_dim=3, key=jax.random.PRNGKey(0))
+        >>> mean, log_std = encoder(jnp.linspace(0.0, 1.0, 4), jnp.ones((4, 2)))
+        >>> mean.shape
+        (3,)
+    """
 
     cell: eqx.nn.GRUCell
     func: _MLPField
@@ -194,6 +254,38 @@ class LatentODE(SolverOptions):
     Methods (one sequence; see the module docstring): `encode`, `elbo`, `elbo_terms`,
     `trajectory`, `decode`, `predict`, `reconstruct`, `sample_prior`,
     `poisson_log_likelihood`.
+
+    Args:
+        obs_dim: D, the size of one observation.
+        latent_dim: the size of the latent state z.
+        rec_hidden: the recognition network's hidden units.
+        dyn_hidden: the latent dynamics MLP's hidden units (and the intensity's).
+        dyn_depth: the latent dynamics MLP's hidden layers.
+        dec_hidden: the decoder MLP's hidden units.
+        encoder: "gru", "rnn" (an `RNNEncoder`) or "odernn" (an `ODERNNEncoder`).
+        obs_std: the observation noise's standard deviation (its start when learned).
+        learn_std: learn the observation noise.
+        poisson: add the Poisson process likelihood of the observation times.
+        solver: the ODE solver, a name (see `jaxode.SOLVERS`) or a solver object.
+        rtol: relative tolerance of the solve.
+        atol: absolute tolerance of the solve.
+        adjoint: how gradients flow through the solve: "backsolve" (the adjoint
+            method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        max_steps: the most steps one solve may take (reaching it is an error).
+        key: a JAX PRNG key for the weights.
+
+    Raises:
+        ValueError: an unknown encoder.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> model = LatentODE(obs_dim=2, latent_dim=4, rtol=1e-3, atol=1e-3,
+        ...                   key=jax.random.PRNGKey(0))
+        >>> ts, xs = jnp.linspace(0.0, 1.0, 6), jnp.ones((6, 2))
+        >>> model.elbo(jax.random.PRNGKey(1), ts, xs).shape          # maximise it
+        ()
+        >>> model.reconstruct(ts, xs, None, jnp.linspace(0.0, 2.0, 9)).shape
+        (9, 2)
     """
 
     encoder: eqx.Module
@@ -376,6 +468,21 @@ class RNNBaseline(eqx.Module):
     observed entries (maximise it). `one_step_predictions(ts, xs, mask)`: the means
     x̂(ts). `predict(ts, xs, mask, ts_pred)`: after reading the sequence, predicts at
     the later times ts_pred, feeding its own predictions back (extrapolation).
+
+    Args:
+        obs_dim: D, the size of one observation.
+        hidden_size: the cell's hidden units.
+        cell: "gru" or "rnn".
+        obs_std: the prediction's standard deviation (its start when learned).
+        learn_std: learn the standard deviation.
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> rnn = RNNBaseline(obs_dim=2, key=jax.random.PRNGKey(0))
+        >>> ts, xs = jnp.linspace(0.0, 1.0, 6), jnp.ones((6, 2))
+        >>> rnn.predict(ts, xs, None, jnp.linspace(1.2, 2.0, 5)).shape
+        (5, 2)
     """
 
     cell: eqx.Module

@@ -34,7 +34,18 @@ BATCH_MODES = ("joint", "per_sample")
 
 def group_norm(channels: int) -> eqx.nn.GroupNorm:
     """GroupNorm with min(32, channels) groups, as in the paper's ODE-Net (the largest
-    divisor of channels not above that, when it does not divide channels)."""
+    divisor of channels not above that, when it does not divide channels).
+
+    Args:
+        channels: the number of channels normalised.
+
+    Returns:
+        An `equinox.nn.GroupNorm` for (channels, H, W) inputs.
+
+    Example:
+        >>> group_norm(64).groups, group_norm(12).groups
+        (32, 12)
+    """
     return eqx.nn.GroupNorm(math.gcd(min(32, channels), channels), channels)
 
 
@@ -84,6 +95,16 @@ class ODEFunc(eqx.Module):
     -> GN, where each Conv gets the constant image t concatenated as an input channel
     and GN is GroupNorm with min(32, C) groups. `func(z, t)` takes z of shape (C, H, W),
     or (N, C, H, W) (the layers are vmapped over N), and returns dz/dt of z's shape.
+
+    Args:
+        channels: C, the channels of the state (and of both convolutions' outputs).
+        key: a JAX PRNG key for the convolutions' weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> func = ODEFunc(channels=4, key=jax.random.PRNGKey(0))
+        >>> func(jnp.ones((4, 6, 6)), 0.5).shape
+        (4, 6, 6)
     """
 
     norm1: eqx.nn.GroupNorm
@@ -122,6 +143,31 @@ class ODEBlock(SolverOptions):
     The solver options are those of `jaxode.odeint`; tolerances default to the paper's
     1e-3 for classification. With `func=None` an `ODEFunc(channels=channels, key=key)`
     is built.
+
+    Args:
+        func: the vector field, called as `func(z, t)`; None builds an `ODEFunc`.
+        solver: the ODE solver, a name (see `jaxode.SOLVERS`) or a solver object.
+        rtol: relative tolerance of the solve.
+        atol: absolute tolerance of the solve.
+        adjoint: how gradients flow through the solve: "backsolve" (the adjoint
+            method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        max_steps: the most steps one solve may take (reaching it is an error).
+        t1: the end of the integration interval [0, t1].
+        dt0: the first step (adaptive solvers; None chooses it) or every step
+            (fixed-step solvers).
+        batch_mode: "joint" (one system for the whole batch) or "per_sample".
+        channels: the channels of the default `ODEFunc` (when func is None).
+        key: a PRNG key, needed when func is None.
+
+    Raises:
+        ValueError: an unknown batch_mode, or func None without a key.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> block = ODEBlock(channels=4, key=jax.random.PRNGKey(0))
+        >>> y, stats = block.solve(jnp.ones((2, 4, 6, 6)))   # a batch of 2, solved jointly
+        >>> y.shape, int(stats["nfe"]) > 0
+        ((2, 4, 6, 6), True)
     """
 
     func: eqx.Module
@@ -155,7 +201,15 @@ class ODEBlock(SolverOptions):
         self.batch_mode = batch_mode
 
     def solve(self, x):
-        """(z(t1), stats) for z(0) = x."""
+        """Integrate from z(0) = x to t1.
+
+        Args:
+            x: the initial state, one example or a batch.
+
+        Returns:
+            (z(t1), stats): the final state with x's shape, and the solver statistics of
+            the forward solve (`nfe`, `num_steps`, `num_accepted`, `num_rejected`).
+        """
         ts = jnp.asarray([0.0, self.t1], dtype=x.dtype)
         sol = self._solve(
             lambda z, t, func: func(z, t), x, ts, self.func,
@@ -209,8 +263,15 @@ class _ConvClassifier(eqx.Module):
         return self.features(h), {}
 
     def with_stats(self, x):
-        """(logits, stats): the logits and the feature block's solver statistics
-        (empty for the ResNet)."""
+        """The logits and the feature block's solver statistics.
+
+        Args:
+            x: one image (C, H, W) or a batch (N, C, H, W).
+
+        Returns:
+            (logits, stats): logits of shape (num_classes,) or (N, num_classes), and the
+            ODE block's statistics (`nfe`, ...; an empty dict for the ResNet).
+        """
         h = per_example(self.downsample, x, 3)
         h, stats = self._features(h)
         return per_example(self.head, h, 3), stats
@@ -228,6 +289,28 @@ class ODENet(_ConvClassifier):
     ODE system (see the module docstring). `net(x)` gives logits; `net.with_stats(x)`
     gives (logits, stats) with the ODE block's NFE. With channels=64 on 28x28 MNIST it
     has 208,266 parameters (the paper's 0.22M).
+
+    Args:
+        channels: the channels of the downsampling output and of the ODE state.
+        in_channels: the input images' channels (1 for MNIST).
+        num_classes: the number of logits.
+        solver: the ODE solver, a name (see `jaxode.SOLVERS`) or a solver object.
+        rtol: relative tolerance of the solve.
+        atol: absolute tolerance of the solve.
+        adjoint: how gradients flow through the solve: "backsolve" (the adjoint
+            method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        max_steps: the most steps one solve may take (reaching it is an error).
+        t1: the end of the integration interval [0, t1].
+        dt0: the first step (adaptive) or every step (fixed-step solvers).
+        batch_mode: "joint" (one ODE system per batch) or "per_sample".
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> net = ODENet(channels=4, key=jax.random.PRNGKey(0))
+        >>> logits, stats = net.with_stats(jnp.zeros((2, 1, 16, 16)))
+        >>> logits.shape, int(stats["nfe"]) > 0
+        ((2, 10), True)
     """
 
     def __init__(
@@ -268,7 +351,24 @@ class ODENet(_ConvClassifier):
 class RKNet(ODENet):
     """RK-Net (Table 1): the ODE-Net with its block integrated by a fixed-step
     Runge-Kutta method (`solver`, default "rk4", `steps` equal steps over [0, t1]) and
-    differentiated through the solver's operations (`adjoint="direct"`)."""
+    differentiated through the solver's operations (`adjoint="direct"`).
+
+    Args:
+        channels: the channels of the downsampling output and of the ODE state.
+        in_channels: the input images' channels.
+        num_classes: the number of logits.
+        solver: a fixed-step method ("euler", "midpoint", "heun", "ralston", "rk4").
+        steps: the number of equal steps over [0, t1].
+        t1: the end of the integration interval.
+        batch_mode: "joint" or "per_sample".
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> net = RKNet(channels=4, steps=2, key=jax.random.PRNGKey(0))
+        >>> net(jnp.zeros((1, 16, 16))).shape
+        (10,)
+    """
 
     def __init__(
         self,
@@ -298,7 +398,12 @@ class RKNet(ODENet):
 
 class ResBlock(eqx.Module):
     """x + Conv(GN-ReLU(Conv(GN-ReLU(x)))) with bias-free 3x3 convs (pre-activation
-    residual block of the authors' example), for one example (C, H, W)."""
+    residual block of the authors' example), for one example (C, H, W).
+
+    Args:
+        channels: the channels in and out.
+        key: a JAX PRNG key for the convolutions' weights.
+    """
 
     norm1: eqx.nn.GroupNorm
     conv1: eqx.nn.Conv2d
@@ -332,7 +437,21 @@ class _ResStack(eqx.Module):
 class ResNet(_ConvClassifier):
     """The ResNet baseline (Table 1): the ODE-Net's downsampling and head around
     `num_blocks` (default 6) residual blocks. With channels=64 on 28x28 MNIST it has
-    576,778 parameters (the paper's 0.60M). x: (C, H, W) or (N, C, H, W)."""
+    576,778 parameters (the paper's 0.60M). x: (C, H, W) or (N, C, H, W).
+
+    Args:
+        channels: the channels of the downsampling output and of the blocks.
+        in_channels: the input images' channels.
+        num_classes: the number of logits.
+        num_blocks: the number of residual blocks.
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxode.nn import count_params
+        >>> count_params(ResNet(channels=64, key=jax.random.PRNGKey(0)))
+        576778
+    """
 
     def __init__(
         self,
@@ -354,7 +473,20 @@ class ResNet(_ConvClassifier):
 class MLPClassifier(eqx.Module):
     """The 1-layer MLP baseline (Table 1): flatten -> Linear(in_features -> hidden) ->
     ReLU -> Linear(hidden -> num_classes). x: (C, H, W) or (N, C, H, W). With the
-    defaults (28x28 inputs, 300 hidden units) it has 238,510 parameters (0.24M)."""
+    defaults (28x28 inputs, 300 hidden units) it has 238,510 parameters (0.24M).
+
+    Args:
+        in_features: the size of one flattened input (C * H * W).
+        hidden_size: the hidden layer's width.
+        num_classes: the number of logits.
+        key: a JAX PRNG key for the weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> mlp = MLPClassifier(in_features=64, hidden_size=32, key=jax.random.PRNGKey(0))
+        >>> mlp(jnp.zeros((5, 1, 8, 8))).shape
+        (5, 10)
+    """
 
     hidden: eqx.nn.Linear
     out: eqx.nn.Linear
