@@ -61,6 +61,7 @@ def _fsync_dir(directory: str) -> None:
 
 
 def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file, then a rename)."""
     with atomic_open(path, "w") as f:
         f.write(text)
 

@@ -57,6 +57,9 @@ class FlowOptions:
 
 @dataclass(kw_only=True)
 class MLModels(FlowOptions):
+    """`model:` of `cnf_ml`: one CNF (width `width`) and, with `baseline`, a planar NF
+    (`nf_layers` layers, default the width) per data set."""
+
     width: int = 32  # CNF hidden units M (planar field)
     nf_layers: int | None = None  # planar NF depth K; default K = width
 
@@ -69,6 +72,9 @@ class MLModels(FlowOptions):
 
 @dataclass(kw_only=True)
 class MatchingModels(FlowOptions):
+    """`model:` of `cnf_density_matching`: a CNF of width M and a planar NF of K = M layers for
+    each M in `widths`."""
+
     widths: list[int] = field(default_factory=lambda: [32])  # each M, with an NF of K = M
 
     def check(self):
@@ -82,6 +88,9 @@ class MatchingModels(FlowOptions):
 
 @dataclass(kw_only=True)
 class MatchingData:
+    """`data:` of `cnf_density_matching`: the target densities (U1-U4) and the Monte Carlo
+    samples per step and per evaluation."""
+
     targets: list[Literal["U1", "U2", "U3", "U4"]] = field(default_factory=lambda: ["U1"])
     samples: int = 256  # Monte Carlo samples per step (train.batch_size is not used)
     eval_samples: int = 4096
@@ -92,12 +101,17 @@ class MatchingData:
 
 @dataclass(kw_only=True)
 class MatchingConfig(RunConfig):
+    """The schema of a `cnf_density_matching` config."""
+
     data: MatchingData = field(default_factory=MatchingData)
     model: MatchingModels = field(default_factory=MatchingModels)
 
 
 @dataclass(kw_only=True)
 class MLData:
+    """`data:` of `cnf_ml`: the 2-D data sets (fresh samples every step) and the held-out
+    samples."""
+
     datasets: list[Literal["moons", "circles", "8gaussians", "pinwheel", "checkerboard"]] = (
         field(default_factory=lambda: ["moons", "circles"])
     )
@@ -109,6 +123,8 @@ class MLData:
 
 @dataclass(kw_only=True)
 class MLConfig(RunConfig):
+    """The schema of a `cnf_ml` config."""
+
     data: MLData = field(default_factory=MLData)
     model: MLModels = field(default_factory=MLModels)
 
@@ -136,6 +152,7 @@ def build_flows(cfg, sizes: dict[str, tuple[int, int]], key) -> dict:
 
 
 def is_continuous(model) -> bool:
+    """Whether `model` is a continuous flow (it solves an ODE)."""
     return hasattr(model, "solve")
 
 
@@ -151,6 +168,7 @@ def sample_and_log_q(model, key, n: int, dtype):
 
 
 def nll_and_nfe(model, x, key):
+    """(mean negative log-likelihood of x, mean forward NFE or NaN for a discrete flow)."""
     if is_continuous(model):
         z, integral, stats = model.solve(x, model.t1, model.t0, key=key)
         log_q = model.base_log_prob(z) + integral
@@ -185,6 +203,7 @@ def eval_metrics(out: dict, metric: str) -> dict:
 
 
 def grid(lim: float, n: int):
+    """(gx, gy, points): an n x n grid over [-lim, lim]^2 and its points as (n*n, 2)."""
     xs = np.linspace(-lim, lim, n)
     gx, gy = np.meshgrid(xs, xs)
     return gx, gy, np.stack([gx.ravel(), gy.ravel()], axis=1)
@@ -214,6 +233,10 @@ class _FlowExperiment(Experiment):
 
 
 class DensityMatching(_FlowExperiment):
+    """kind: cnf_density_matching (Figure 4): fit CNFs and planar NFs to unnormalised 2-D
+    densities by reverse KL; the table has E_q[log q - log p~] per target and width, the
+    figure the fitted densities."""
+
     progress_fields = ("kl", "nfe")  # each flow's loss ("<flow>/kl"), not their sum
     Config = MatchingConfig
     title = "Density matching: planar CNF against planar NF (Figure 4)"
@@ -301,6 +324,9 @@ class DensityMatching(_FlowExperiment):
 
 
 class MaxLikelihood(_FlowExperiment):
+    """kind: cnf_ml (Figures 5-6): fit a CNF and a planar NF to 2-D data by maximum likelihood;
+    the table has the test NLL, the figures samples and their flow from noise to data."""
+
     progress_fields = ("nll", "nfe")  # each flow's loss ("<flow>/nll"), not their sum
     Config = MLConfig
     title = "Maximum likelihood: CNF against planar NF on 2-D data (Figures 5-6)"

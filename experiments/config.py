@@ -359,6 +359,7 @@ def to_dict(obj) -> dict:
 
 
 def dump_yaml(obj) -> str:
+    """The config as YAML text, every key in schema order (the resolved config.yaml)."""
     return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
 
 

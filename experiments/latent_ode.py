@@ -30,6 +30,9 @@ from .runner import Experiment
 
 @dataclass(kw_only=True)
 class SpiralData:
+    """`data:` of `latent_ode`: how many spirals, points per spiral, observed points per
+    window, noise, and how training windows are drawn."""
+
     n_spirals: int = 1000
     n_window: int = 100
     n_obs: int = 100  # observations per spiral in the observed window (30, 50, 100)
@@ -59,6 +62,8 @@ class SpiralData:
 
 @dataclass(kw_only=True)
 class LatentModels:
+    """`model:` of `latent_ode`: which models (latent ODE, RNN) and their sizes."""
+
     names: list[Literal["latent_ode", "rnn"]] = field(
         default_factory=lambda: ["latent_ode", "rnn"])
     latent_dim: int = 4
@@ -81,11 +86,17 @@ class LatentModels:
 
 @dataclass(kw_only=True)
 class Config(RunConfig):
+    """The schema of a `latent_ode` config."""
+
     data: SpiralData = field(default_factory=SpiralData)
     model: LatentModels = field(default_factory=LatentModels)
 
 
 class LatentODESpirals(Experiment):
+    """kind: latent_ode (Section 5.1, Table 2): a latent ODE against an RNN on irregularly
+    sampled spirals; the table has the extrapolation and reconstruction RMSE, the figure
+    four test spirals."""
+
     Config = Config
     title = "Latent ODE vs RNN on irregularly sampled spirals (Table 2)"
     progress_fields = ("loss", "nfe")

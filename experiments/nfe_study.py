@@ -37,12 +37,17 @@ from .report import Report, plot_curves, pyplot, save_figure
 
 @dataclass(kw_only=True)
 class StudyModel:
+    """`model:` of `nfe_study`: the ODE-Net's channels and time span."""
+
     channels: int = 64
     t1: float = 1.0
 
 
 @dataclass(kw_only=True)
 class StudyOptions:
+    """`study:` of `nfe_study`: the tolerances swept after training, the reference tolerance,
+    the probe batch, the timing repeats and the sweep's dtype."""
+
     tolerances: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5])
     reference_tol: float = 1e-7
     probe_size: int = 64  # test images in the probe batch
@@ -64,6 +69,8 @@ class StudyOptions:
 
 @dataclass(kw_only=True)
 class Config(RunConfig):
+    """The schema of an `nfe_study` config."""
+
     data: ImageData = field(default_factory=ImageData)
     model: StudyModel = field(default_factory=StudyModel)
     study: StudyOptions = field(default_factory=StudyOptions)
@@ -78,6 +85,10 @@ class _Counter:
 
 
 class NFEStudy(ImageExperiment):
+    """kind: nfe_study (Figure 3): train an ODE-Net, then sweep the solver tolerance; the table
+    has forward and backward NFE, error and time per tolerance, the figure the paper's four
+    panels."""
+
     Config = Config
     title = "ODE-Net NFE statistics (Figure 3)"
 

@@ -29,6 +29,9 @@ TRUE_A = ((-0.1, 2.0), (-2.0, -0.1))
 
 @dataclass(kw_only=True)
 class DemoData:
+    """`data:` of `ode_demo`: the true trajectory's start, span and length, and the training
+    snippets' length."""
+
     n_points: int = 1000
     t_end: float = 25.0
     batch_time: int = 10
@@ -45,12 +48,16 @@ class DemoData:
 
 @dataclass(kw_only=True)
 class DemoModel:
+    """`model:` of `ode_demo`: the MLP vector field's width and hidden layers."""
+
     width: int = 50
     depth: int = 1
 
 
 @dataclass(kw_only=True)
 class Config(RunConfig):
+    """The schema of an `ode_demo` config."""
+
     data: DemoData = field(default_factory=DemoData)
     model: DemoModel = field(default_factory=DemoModel)
 
@@ -73,6 +80,8 @@ def true_trajectory(z0: np.ndarray, ts: np.ndarray, substeps: int = 20) -> np.nd
 
 
 class Field(eqx.Module):
+    """The learned vector field f(z, t) = MLP(z^3), an Equinox module."""
+
     mlp: eqx.nn.MLP
 
     def __call__(self, z, t):
@@ -80,6 +89,9 @@ class Field(eqx.Module):
 
 
 class ODEDemo(Experiment):
+    """kind: ode_demo: learn dz/dt = z^3 A from snippets of one trajectory (the runner's smoke
+    test; no jaxode.nn model)."""
+
     Config = Config
     title = "ODE demo: learning dz/dt = z^3 A"
 

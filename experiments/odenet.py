@@ -30,6 +30,9 @@ MODEL_NAMES = ("odenet", "resnet", "rknet", "mlp")
 
 @dataclass(kw_only=True)
 class ImageData:
+    """`data:` of the image experiments: the data set (digits or MNIST files), split, size,
+    subsets and augmentation."""
+
     dataset: Literal["digits", "mnist"] = "digits"
     path: str | None = None  # MNIST: the directory holding the four IDX files
     test_fraction: float = 0.2  # digits: the held-out share (a fixed permutation)
@@ -67,6 +70,8 @@ def check_image_data(d: ImageData, file: str | None) -> None:
 
 
 def load_images(d: ImageData, dtype, file: str | None = None) -> dict:
+    """The images of `d` as numpy arrays {x_train, y_train, x_test, y_test} in `dtype`; a file
+    that cannot be read is a ConfigError naming `data.path`."""
     if d.dataset == "digits":
         out = datasets.load_digits(d.test_fraction, d.split_seed, d.size)
     else:
@@ -87,6 +92,8 @@ def load_images(d: ImageData, dtype, file: str | None = None) -> dict:
 
 @dataclass(kw_only=True)
 class ClassifierModels:
+    """`model:` of `odenet`: which classifiers are trained side by side, and their sizes."""
+
     names: list[Literal["odenet", "resnet", "rknet", "mlp"]] = field(
         default_factory=lambda: list(MODEL_NAMES)
     )
@@ -111,6 +118,8 @@ class ClassifierModels:
 
 @dataclass(kw_only=True)
 class Config(RunConfig):
+    """The schema of an `odenet` config."""
+
     data: ImageData = field(default_factory=ImageData)
     model: ClassifierModels = field(default_factory=ClassifierModels)
 
@@ -123,6 +132,8 @@ def cast(model, dtype):
 
 
 def build_classifier(name: str, m: ClassifierModels, solver: dict, image_shape, key):
+    """The `jaxode.nn` classifier named `name` ('odenet', 'resnet', 'rknet' or 'mlp') for
+    images of `image_shape`."""
     from jaxode import nn
 
     channels, size = image_shape[0], image_shape[1]
@@ -177,6 +188,9 @@ class ImageExperiment(Experiment):
 
 
 class ODENetClassification(ImageExperiment):
+    """kind: odenet (Table 1): an ODE-Net against a ResNet, an RK-Net and an MLP; the table has
+    test error, parameters and NFE, the figures the test error and loss during training."""
+
     Config = Config
     title = "Image classification: ODE-Net and baselines (Table 1)"
 

@@ -37,6 +37,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
 
 
 def experiment_class(kind: str, file: str | None = None):
+    """The Experiment subclass of `kind`; an unknown kind is a ConfigError naming `kind` in
+    `file`."""
     if kind not in KINDS:
         raise ConfigError(file, "kind", f"unknown kind {kind!r}; expected one of {list(KINDS)}")
     module, name, _ = KINDS[kind]

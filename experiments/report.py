@@ -67,6 +67,7 @@ def _jsonable(value):
 
 
 def format_value(value) -> str:
+    """A metric as table text: 4 significant digits, scientific notation outside [1e-3, 1e5)."""
     if isinstance(value, float):
         if value == 0 or 1e-3 <= abs(value) < 1e5:
             return f"{value:.4g}"
@@ -75,6 +76,8 @@ def format_value(value) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """rows (column -> value) as a Markdown table, columns in the given order (default: first
+    seen)."""
     if not rows:
         return ""
     if columns is None:
@@ -166,6 +169,7 @@ def model_label(name: str) -> str:
 
 
 def metric_label(metric: str) -> str:
+    """A metric key's display name ("test_error" -> "test error (%)")."""
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 

@@ -154,6 +154,7 @@ def make_optimizer(cfg, total_steps: int):
 
 
 def params_of(model):
+    """The trainable part of a model: its inexact arrays (equinox.filter)."""
     return eqx.filter(model, eqx.is_inexact_array)
 
 
@@ -177,6 +178,9 @@ def make_train_step(experiment: Experiment, tx, parallel: DataParallel):
 
 @dataclasses.dataclass
 class RunResult:
+    """What `run` returns: the status, the last step, the output directory and, when complete,
+    the report and the summary's path."""
+
     status: str  # "complete", "stopped" (train.stop_after) or "interrupted" (Ctrl-C)
     step: int
     out_dir: str
@@ -212,6 +216,7 @@ class _StopFlag:
 
 
 def resolve_out_dir(cfg, out_dir: str | None) -> str:
+    """The run's output directory: --out, else the config's out_dir, else runs/<name>."""
     return out_dir or cfg.out_dir or os.path.join("runs", cfg.name)
 
 
