@@ -20,6 +20,7 @@ dL/dt_0 = -a(t_0)ᵀ f(z_0, t_0).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -265,7 +266,9 @@ class _LaneAccumulator:
             raise TypeError("adjoint: a batch_axis backward pass needs an explicit Runge-Kutta "
                             f"Backsolve.solver, got {solver!r}")
         self.field, self.theta, self.settings, self.tols, self.n = field, theta, settings, tols, n
-        self.static = _backward_static(settings)
+        # The quadrature reuses each stage's linearisation: the stages must be unrolled.
+        solver = dataclasses.replace(solver, stage_loop=False)
+        self.static = _backward_static(settings._replace(backward_solver=solver))
 
     def zero_theta(self):
         return jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(self.tols.rtol.dtype)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .base import AbstractSolver, Step
 from .tableau import ButcherTableau, F, lower, pad_rows, poly, quartic_dense
+
+
+STAGE_LOOP_SIZE = 256
 
 
 def lincomb(coeffs, vectors):
@@ -28,9 +33,16 @@ def lincomb(coeffs, vectors):
 
 class ExplicitRK(AbstractSolver):
     """An explicit Runge-Kutta method given by its `tableau`; its state is f(t, z), the
-    next step's first stage."""
+    next step's first stage.
+
+    stage_loop: evaluate the stages in a `lax.fori_loop`, so that the compiled program
+    holds one copy of f instead of one per stage (much faster to compile, a little
+    slower per step); None (default) loops for states of `STAGE_LOOP_SIZE` elements or
+    more, where one evaluation of f outweighs the loop's overhead.
+    """
 
     tableau: ClassVar[ButcherTableau]
+    stage_loop: bool | None = eqx.field(default=None, static=True, kw_only=True)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -44,14 +56,36 @@ class ExplicitRK(AbstractSolver):
 
     def step(self, f, t, z, dt, k1) -> Step:
         tab = self.tableau
-        stages = [k1]
-        for i in range(1, tab.num_stages):
-            stages.append(f(t + float(tab.c[i]) * dt, z + dt * lincomb(tab.a[i, :i], stages)))
-        z1 = z + dt * lincomb(tab.b, stages)
-        f1 = f(t + dt, z1)
-        stages.append(f1)
-        error = None if tab.b_err is None else dt * lincomb(tab.b_err, stages)
-        return Step(z=z1, error=error, dense=jnp.stack(stages), state=f1)
+        loop = z.size >= STAGE_LOOP_SIZE if self.stage_loop is None else self.stage_loop
+        if loop:
+            z1, stages = self._looped_stages(f, t, z, dt, k1)
+        else:
+            stages = [k1]
+            for i in range(1, tab.num_stages):
+                z_i = z + dt * lincomb(tab.a[i, :i], stages)
+                stages.append(f(t + float(tab.c[i]) * dt, z_i))
+            z1 = z + dt * lincomb(tab.b, stages)
+            stages = jnp.stack([*stages, f(t + dt, z1)])
+        error = None if tab.b_err is None else dt * jnp.tensordot(
+            jnp.asarray(tab.b_err, stages.dtype), stages, 1)
+        return Step(z=z1, error=error, dense=stages, state=stages[-1])
+
+    def _looped_stages(self, f, t, z, dt, k1):
+        """The stages k_2..k_s and f_1 as rows 1..s of the extended tableau (f_1's row of a
+        is b, its c is 1), in one loop."""
+        tab, s = self.tableau, self.tableau.num_stages
+        a = np.zeros((s + 1, s + 1))
+        a[:s, :s], a[s, :s] = tab.a, tab.b
+        a, c = jnp.asarray(a, z.dtype), jnp.asarray(np.append(tab.c, 1.0), jnp.real(z).dtype)
+
+        def stage(i, carry):
+            stages, _ = carry
+            z_i = z + dt * jnp.tensordot(a[i], stages, 1)
+            return stages.at[i].set(f(t + c[i] * dt, z_i)), z_i
+
+        stages = jnp.zeros((s + 1, *z.shape), z.dtype).at[0].set(k1)
+        stages, z1 = lax.fori_loop(1, s + 1, stage, (stages, z))
+        return z1, stages
 
     def interpolate(self, z0, dt, stages, theta):
         """z0 + dt Σ_i p_i(θ) K_i, with the tableau's dense-output polynomials p_i."""
