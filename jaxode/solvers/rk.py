@@ -16,7 +16,6 @@ from jax import lax
 from .base import AbstractSolver, Step
 from .tableau import ButcherTableau, F, lower, pad_rows, poly, quartic_dense
 
-
 STAGE_LOOP_SIZE = 256
 
 
