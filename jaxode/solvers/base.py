@@ -51,9 +51,9 @@ class AbstractSolver(eqx.Module):
     def interpolate(self, z0, dt, dense, theta) -> jax.Array: ...
 
     def current_error_order(self, state):
-        """The order of the error estimate of a step taken from `state` (the state a
-        step returns: the order of the step after it): `error_order`, except for a
-        variable-order method, whose state carries it."""
+        """The order of the error estimate of a step attempted from `state` (what the
+        step-size controller's exponent should use): `error_order`, except for a
+        variable-order method, whose state carries its current order."""
         return self.error_order
 
     @property
