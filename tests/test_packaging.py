@@ -3,7 +3,7 @@ by name, the overrides in summary.md, each model's loss in the progress line.
 
 The wheel tests build it offline (`python -m build --no-isolation`, with `build` and
 `hatchling` from the dev extra) and install it without the network; they skip where
-those are missing. The install test takes about 15 s here.
+those are missing. The install test (about 15-25 s here) runs with `-m slow`.
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def test_wheel_carries_runner_configs_license_and_py_typed(tmp_path):
     assert chex and all("extra == 'dev'" in line for line in chex)
 
 
+@pytest.mark.slow  # 13 s alone, 26 s on a loaded 2-core machine
 def test_wheel_installed_in_a_fresh_venv_runs_configs_from_anywhere(tmp_path):
     """Build the wheel, install it (no network: --no-index, --no-deps) into a new venv
     whose dependencies come from this environment's site-packages (a path in a .pth
