@@ -324,7 +324,7 @@ class _LaneAccumulator:
         c, a_theta = lax.while_loop(lambda s: jnp.any(unfinished(s[0])), body, (init(), a_theta))
         result = finish(c)
         nfe = result.stats["nfe"] + c.num_steps  # the first stage's second linearisation
-        return (result.zs[-1][:, self.n:], a_theta, result.dt_next,
+        return (result.zs[:, -1, self.n:], a_theta, result.dt_next,
                 nfe[:, 0], result.status[:, 0])
 
 
@@ -489,12 +489,29 @@ def solve(adjoint: AbstractAdjoint, ff, settings: Settings, z0, ts, params, tols
     converted, consts = jax.closure_convert(ff, z0[0] if lanes else z0, ts[0], params)
     if isinstance(adjoint, Direct):
         settings = settings._replace(forward=settings.forward._replace(checkpointed=True))
+        if lanes and isinstance(settings.forward.solver, ExplicitRK) and not settings.forward.dense:
+            # One loop over a (lanes, n) state, f batched over the lanes: f's own vjp then
+            # sums the shared parameters' cotangent over the lanes at every stage.
+            result = _direct(_batched(converted), settings, z0, ts, params, tuple(consts), tols)
+            squeeze = lambda x: x[:, 0]
+            return result._replace(stats=jax.tree_util.tree_map(squeeze, result.stats),
+                                   status=squeeze(result.status), dt_next=squeeze(result.dt_next))
         run = lambda z0: _direct(converted, settings, z0, ts, params, tuple(consts), tols)
         return jax.vmap(run)(z0) if lanes else run(z0)
     backsolve = _backsolve_lanes if lanes else _backsolve
     result = backsolve(converted, settings, z0, ts, params, tuple(consts), tols)
     # The dense history is not differentiated by the adjoint method.
     return result._replace(history=lax.stop_gradient(result.history))
+
+
+def _batched(ff):
+    """ff(z, t, ...) for a (lanes, n) z at per-lane times t (lanes, 1) or one t."""
+
+    def batched(z, t, *args):
+        t = jnp.broadcast_to(t, z.shape[:-1] + (1,))[:, 0]
+        return jax.vmap(lambda z, t: ff(z, t, *args))(z, t)
+
+    return batched
 
 
 # ------------------------------------------------------------------ parameter views

@@ -96,7 +96,8 @@ def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
     init, step, unfinished, finish = pieces(f_tau, z0, taus, static, traced)
     if static.checkpointed:
         final = eqxi.while_loop(
-            unfinished, lambda c: step(c)[0], init(), max_steps=static.max_steps,
+            lambda c: jnp.any(unfinished(c)), lambda c: step(c, unfinished(c))[0], init(),
+            max_steps=static.max_steps,
             buffers=lambda c: c.history, kind="checkpointed",
         )
     else:
@@ -114,7 +115,7 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
     z0 is one state (n,) or a batch of lanes (lanes, n), each lane with its own t, dt
     and status of shape (lanes, 1) (the adjoint's lane-batched backward pass)."""
     solver, controller = static.solver, static.controller
-    n, num_outputs = z0.shape[0], taus.shape[0]
+    n, num_outputs = z0.shape[-1], taus.shape[0]
     t0, t_end = taus[0], taus[-1]
     int_ = jnp.int32
     eps = jnp.finfo(taus.dtype).eps
@@ -135,7 +136,8 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
         status = jnp.where(all_finite(z0) & jnp.isfinite(dt), status, NONFINITE_STATE)
         zs = None
         if num_outputs > 2:
-            zs = jnp.full((num_outputs, n), jnp.nan, z0.dtype).at[0].set(z0)
+            zs = jnp.full((*z0.shape[:-1], num_outputs, n), jnp.nan, z0.dtype)
+            zs = zs.at[..., 0, :].set(z0)
         history = None
         if static.dense:
             dense = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state).dense)
@@ -178,7 +180,7 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
         if zs is not None:
             save = _save_masked if static.checkpointed else _save
             zs, next_output = save(solver, taus, zs, next_output, c.t, c.z, dt, t_new,
-                                   attempt, accept)
+                                   attempt.z, attempt.dense, accept)
         history = c.history
         if history is not None:
             # One row per attempt, each written once. A rejected attempt shares its t_start
@@ -211,7 +213,7 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
     def finish(c: _Carry) -> Result:
         if c.zs is None:
             end = jnp.where(c.t == t_end, c.z, jnp.nan)
-            zs = jnp.stack([z0, end])
+            zs = jnp.stack([z0, end], axis=-2)
         else:
             zs = c.zs
         stats = {"nfe": solver.step_nfe * c.num_steps, "num_jacobians": 0,
@@ -226,7 +228,7 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
     return init, step, unfinished, finish
 
 
-def _save(solver, taus, zs, next_output, t, z, dt, t_new, attempt, accept):
+def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """Fill every output time in (t, t_new] by dense output; steps never shrink for them.
     Each pass fills SAVE_CHUNK outputs in one scatter, outputs beyond the step (and, under
     vmap, those of lanes with nothing to write) aimed past the buffer's end and dropped."""
@@ -241,8 +243,8 @@ def _save(solver, taus, zs, next_output, t, z, dt, t_new, attempt, accept):
         indices = index + jnp.arange(SAVE_CHUNK, dtype=index.dtype)
         tau = taus[jnp.minimum(indices, num_outputs - 1)]
         write = accept & (indices < num_outputs) & (tau <= t_new)
-        values = jax.vmap(lambda tau: solver.interpolate(z, dt, attempt.dense, (tau - t) / dt))(tau)
-        values = jnp.where((tau == t_new)[:, None], attempt.z, values)
+        values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / dt))(tau)
+        values = jnp.where((tau == t_new)[:, None], z1, values)
         zs = zs.at[jnp.where(write, indices, num_outputs)].set(values, mode="drop")
         return index + jnp.sum(write, dtype=index.dtype), zs
 
@@ -250,16 +252,24 @@ def _save(solver, taus, zs, next_output, t, z, dt, t_new, attempt, accept):
     return zs, next_output
 
 
-def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, attempt, accept):
+def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """As `_save`, by evaluating the dense output at every output time: no inner loop to
-    differentiate, O(len(ts)) work per step."""
+    differentiate, O(len(ts)) work per step. Lanes (z of shape (lanes, n), dense with a
+    leading lane axis) save each their own."""
+    if z.ndim > 1:
+        def lane(zs, index, t, z, dt, t_new, z1, dense, accept):
+            zs, index = _save_masked(solver, taus, zs, index[0], t[0], z, dt[0], t_new[0], z1,
+                                     dense, accept[0])
+            return zs, index[None]
+
+        return jax.vmap(lane)(zs, next_output, t, z, dt, t_new, z1, dense, accept)
     inside = accept & (taus > t) & (taus <= t_new)
     # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
     # here would leak through the mask into the gradient.
     safe_dt = jnp.where(dt == 0, 1, dt)
-    at = lambda tau: solver.interpolate(z, dt, attempt.dense, (tau - t) / safe_dt)
+    at = lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt)
     values = jax.vmap(at)(taus)
-    values = jnp.where((taus == t_new)[:, None], attempt.z, values)
+    values = jnp.where((taus == t_new)[:, None], z1, values)
     zs = jnp.where(inside[:, None], values, zs)
     return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
 

@@ -19,6 +19,11 @@ from .tableau import ButcherTableau, F, lower, pad_rows, poly, quartic_dense
 STAGE_LOOP_SIZE = 256
 
 
+def _combine(weights, stages):
+    """Σ_i w_i K_i over the stage axis of K (..., s + 1, n)."""
+    return jnp.einsum("s,...sn->...n", jnp.asarray(weights, stages.dtype), stages)
+
+
 def lincomb(coeffs, vectors):
     """Σ c_i v_i for static coefficients, skipping zeros (unrolled while tracing)."""
     terms = [float(c) * v for c, v in zip(coeffs, vectors) if c != 0]
@@ -64,10 +69,9 @@ class ExplicitRK(AbstractSolver):
                 z_i = z + dt * lincomb(tab.a[i, :i], stages)
                 stages.append(f(t + float(tab.c[i]) * dt, z_i))
             z1 = z + dt * lincomb(tab.b, stages)
-            stages = jnp.stack([*stages, f(t + dt, z1)])
-        error = None if tab.b_err is None else dt * jnp.tensordot(
-            jnp.asarray(tab.b_err, stages.dtype), stages, 1)
-        return Step(z=z1, error=error, dense=stages, state=stages[-1])
+            stages = jnp.stack([*stages, f(t + dt, z1)], axis=-2)
+        error = None if tab.b_err is None else dt * _combine(tab.b_err, stages)
+        return Step(z=z1, error=error, dense=stages, state=stages[..., -1, :])
 
     def _looped_stages(self, f, t, z, dt, k1):
         """The stages k_2..k_s and f_1 as rows 1..s of the extended tableau (f_1's row of a
@@ -75,14 +79,14 @@ class ExplicitRK(AbstractSolver):
         tab, s = self.tableau, self.tableau.num_stages
         a = np.zeros((s + 1, s + 1))
         a[:s, :s], a[s, :s] = tab.a, tab.b
-        a, c = jnp.asarray(a, z.dtype), jnp.asarray(np.append(tab.c, 1.0), jnp.real(z).dtype)
+        a, c = jnp.asarray(a), jnp.asarray(np.append(tab.c, 1.0), jnp.real(z).dtype)
 
         def stage(i, carry):
             stages, _ = carry
-            z_i = z + dt * jnp.tensordot(a[i], stages, 1)
-            return stages.at[i].set(f(t + c[i] * dt, z_i)), z_i
+            z_i = z + dt * _combine(a[i], stages)
+            return stages.at[..., i, :].set(f(t + c[i] * dt, z_i)), z_i
 
-        stages = jnp.zeros((s + 1, *z.shape), z.dtype).at[0].set(k1)
+        stages = jnp.zeros((*z.shape[:-1], s + 1, z.shape[-1]), z.dtype).at[..., 0, :].set(k1)
         stages, z1 = lax.fori_loop(1, s + 1, stage, (stages, z))
         return z1, stages
 
@@ -91,7 +95,7 @@ class ExplicitRK(AbstractSolver):
         dense = self.tableau.dense
         powers = theta ** jnp.arange(1, dense.shape[1] + 1, dtype=jnp.real(z0).dtype)
         weights = jnp.asarray(dense, powers.dtype) @ powers
-        return z0 + dt * jnp.tensordot(weights.astype(z0.dtype), stages, 1)
+        return z0 + dt * _combine(weights, stages)
 
 
 def _v(xs):
