@@ -354,7 +354,7 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress,
         with _StopFlag(bar) as stop:
             if step < target:
                 bar.message(f"training {cfg.name}: {', '.join(names)} for {total} steps "
-                            f"from step {step}; the first step compiles (a few seconds)")
+                            f"from step {step}; the first step includes compiling it")
             first = True
             clock = time.perf_counter()
             while step < target:

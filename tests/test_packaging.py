@@ -122,7 +122,7 @@ def test_run_by_name_lists_overrides_and_shows_progress_at_once(tmp_path, monkey
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("training ode_demo_quick:") and "compiles" in lines[0]
+    assert lines[0].startswith("training ode_demo_quick:") and "compiling" in lines[0]
     assert lines[1].startswith("step 1/3")  # the first line after one step, not log_every
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "ode_demo_quick.yaml" in summary
