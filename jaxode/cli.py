@@ -91,7 +91,7 @@ def resolve_config(arg: str) -> str:
     names a shipped config. Anything else is returned unchanged, for the loader to
     refuse as a file that does not exist.
 
-    Example:
+    Examples:
         >>> os.path.basename(resolve_config("odenet_digits_quick"))
         'odenet_digits_quick.yaml'
     """

@@ -23,7 +23,7 @@ def count_params(model) -> int:
     Returns:
         The number of floating-point scalars, as a Python int.
 
-    Example:
+    Examples:
         >>> import jax, equinox as eqx
         >>> count_params(eqx.nn.Linear(3, 2, key=jax.random.PRNGKey(0)))
         8

@@ -46,7 +46,7 @@ def exact_trace(f, z):
     Returns:
         (f(z), tr ∂f/∂z), the trace a scalar.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> fz, trace = exact_trace(lambda v: 3.0 * v, jnp.ones(2))
         >>> float(trace)
@@ -69,7 +69,7 @@ def hutchinson_trace(f, z, eps):
     Returns:
         (f(z), the estimate), the estimate a scalar.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> _, estimate = hutchinson_trace(lambda v: 3.0 * v, jnp.ones(2), jnp.array([1.0, -1.0]))
         >>> float(estimate)
@@ -310,7 +310,7 @@ class CNF(_ContinuousFlow):
     Raises:
         ValueError: an unknown trace or noise.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> flow = CNF(dim=2, width=4, rtol=1e-3, atol=1e-3, key=jax.random.PRNGKey(0))
         >>> flow.log_prob(jnp.zeros((3, 2))).shape
@@ -356,7 +356,7 @@ class FFJORD(_ContinuousFlow):
         max_steps: the most steps one solve may take (reaching it is an error).
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> flow = FFJORD(dim=2, hidden=(8,), rtol=1e-3, atol=1e-3, key=jax.random.PRNGKey(0))
         >>> flow.nll(jnp.zeros((4, 2)), key=jax.random.PRNGKey(1)).shape   # noise from key
@@ -393,7 +393,7 @@ class PlanarFlow(_Flow):
         init_scale: the standard deviation of the initial w, u, b.
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> flow = PlanarFlow(dim=2, num_layers=8, key=jax.random.PRNGKey(0))
         >>> x = flow.sample(jax.random.PRNGKey(1), 4)

@@ -38,7 +38,7 @@ def gaussian_kl(mean, log_std):
     Returns:
         The KL divergence, with the last axis summed out.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> float(gaussian_kl(jnp.zeros(3), jnp.zeros(3)))
         0.0
@@ -58,7 +58,7 @@ class RNNCell(eqx.Module):
         hidden_size: the size of h.
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> cell = RNNCell(2, 5, key=jax.random.PRNGKey(0))
         >>> cell(jnp.ones(2), jnp.zeros(5)).shape
@@ -96,7 +96,7 @@ class RNNEncoder(eqx.Module):
         cell: "gru" or "rnn".
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> encoder = RNNEncoder(obs_dim=2, latent_dim=4, key=jax.random.PRNGKey(0))
         >>> mean, log_std = encoder(jnp.linspace(0.0, 1.0, 7), jnp.ones((7, 2)))
@@ -167,7 +167,7 @@ class ODERNNEncoder(SolverOptions):
         max_steps: the most steps one solve may take (reaching it is an error).
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> encoder = ODERNNEncoder(obs_dim=2, latent_dim=3, key=jax.random.PRNGKey(0))
         >>> mean, log_std = encoder(jnp.linspace(0.0, 1.0, 4), jnp.ones((4, 2)))
@@ -277,7 +277,7 @@ class LatentODE(SolverOptions):
     Raises:
         ValueError: an unknown encoder.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> model = LatentODE(obs_dim=2, latent_dim=4, rtol=1e-3, atol=1e-3,
         ...                   key=jax.random.PRNGKey(0))
@@ -477,7 +477,7 @@ class RNNBaseline(eqx.Module):
         learn_std: learn the standard deviation.
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> rnn = RNNBaseline(obs_dim=2, key=jax.random.PRNGKey(0))
         >>> ts, xs = jnp.linspace(0.0, 1.0, 6), jnp.ones((6, 2))

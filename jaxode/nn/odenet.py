@@ -42,7 +42,7 @@ def group_norm(channels: int) -> eqx.nn.GroupNorm:
     Returns:
         An `equinox.nn.GroupNorm` for (channels, H, W) inputs.
 
-    Example:
+    Examples:
         >>> group_norm(64).groups, group_norm(12).groups
         (32, 12)
     """
@@ -100,7 +100,7 @@ class ODEFunc(eqx.Module):
         channels: C, the channels of the state (and of both convolutions' outputs).
         key: a JAX PRNG key for the convolutions' weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> func = ODEFunc(channels=4, key=jax.random.PRNGKey(0))
         >>> func(jnp.ones((4, 6, 6)), 0.5).shape
@@ -162,7 +162,7 @@ class ODEBlock(SolverOptions):
     Raises:
         ValueError: an unknown batch_mode, or func None without a key.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> block = ODEBlock(channels=4, key=jax.random.PRNGKey(0))
         >>> y, stats = block.solve(jnp.ones((2, 4, 6, 6)))   # a batch of 2, solved jointly
@@ -207,8 +207,8 @@ class ODEBlock(SolverOptions):
             x: the initial state, one example or a batch.
 
         Returns:
-            (z(t1), stats): the final state with x's shape, and the solver statistics of
-            the forward solve (`nfe`, `num_steps`, `num_accepted`, `num_rejected`).
+            (z(t1), stats): the final state with x's shape, and the solver statistics
+                of the forward solve (`nfe`, `num_steps`, `num_accepted`, `num_rejected`).
         """
         ts = jnp.asarray([0.0, self.t1], dtype=x.dtype)
         sol = self._solve(
@@ -269,8 +269,8 @@ class _ConvClassifier(eqx.Module):
             x: one image (C, H, W) or a batch (N, C, H, W).
 
         Returns:
-            (logits, stats): logits of shape (num_classes,) or (N, num_classes), and the
-            ODE block's statistics (`nfe`, ...; an empty dict for the ResNet).
+            (logits, stats): logits of shape (num_classes,) or (N, num_classes), and
+                the ODE block's statistics (`nfe`, ...; an empty dict for the ResNet).
         """
         h = per_example(self.downsample, x, 3)
         h, stats = self._features(h)
@@ -305,7 +305,7 @@ class ODENet(_ConvClassifier):
         batch_mode: "joint" (one ODE system per batch) or "per_sample".
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> net = ODENet(channels=4, key=jax.random.PRNGKey(0))
         >>> logits, stats = net.with_stats(jnp.zeros((2, 1, 16, 16)))
@@ -363,7 +363,7 @@ class RKNet(ODENet):
         batch_mode: "joint" or "per_sample".
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> net = RKNet(channels=4, steps=2, key=jax.random.PRNGKey(0))
         >>> net(jnp.zeros((1, 16, 16))).shape
@@ -446,7 +446,7 @@ class ResNet(_ConvClassifier):
         num_blocks: the number of residual blocks.
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jaxode.nn import count_params
         >>> count_params(ResNet(channels=64, key=jax.random.PRNGKey(0)))
@@ -481,7 +481,7 @@ class MLPClassifier(eqx.Module):
         num_classes: the number of logits.
         key: a JAX PRNG key for the weights.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> mlp = MLPClassifier(in_features=64, hidden_size=32, key=jax.random.PRNGKey(0))
         >>> mlp(jnp.zeros((5, 1, 8, 8))).shape
