@@ -204,8 +204,11 @@ def plot_curves(records: list[dict], keys: list[str], out_dir: str, name: str,
         for key in members:
             model, _, metric = key.rpartition("/")
             xs, ys = _series(records, key, 100.0 if metric in PERCENT_METRICS else 1.0)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, lw=1.4,
-                    label=model_label(model) if model else None)
+            label = None
+            if model:  # without the words the panel's title already says ("U1")
+                words = [w for w in model_label(model).split() if w not in panel.split()]
+                label = " ".join(words) or model_label(model)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, lw=1.4, label=label)
         metric = members[0].rpartition("/")[2]
         ax.set_xlabel("training step")
         ax.set_ylabel(metric_label(metric))
@@ -217,7 +220,7 @@ def plot_curves(records: list[dict], keys: list[str], out_dir: str, name: str,
         ax.grid(alpha=0.3)
         if any(k.rpartition("/")[0] for k in members):
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8,
-                      ncol=min(4, len(members)), frameon=False)
+                      ncol=len(members) if len(members) <= 3 else 2, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -241,3 +241,26 @@ def test_docs_build_strict(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "solving" / "index.html").read_text()
     assert "odeint" in api and "Solution" in api
+
+
+def test_curves_put_models_together_with_readable_labels(tmp_path, monkeypatch):
+    from experiments import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, name: figures.append(fig) or name)
+    records = [{"step": s, "odenet/test_error": 0.1 / s, "resnet/test_error": 0.2 / s,
+                "rnn/loss": 1.0} for s in (1, 2, 3)]
+    report.plot_curves(records, ["odenet/test_error", "resnet/test_error"], str(tmp_path), "a")
+    (ax,) = figures[-1].axes  # one panel, the models together
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ODE-Net", "ResNet"]
+    assert ax.get_ylabel() == "test error (%)" and ax.get_xlabel() == "training step"
+    assert max(ax.lines[0].get_ydata()) == pytest.approx(10.0)  # in percent
+    legend = ax.get_legend().get_window_extent(figures[-1].canvas.get_renderer())
+    assert legend.y1 < ax.get_window_extent(figures[-1].canvas.get_renderer()).y0  # below
+    flows = [{"step": 1, "cnf_U1_M8/kl": 1.0, "nf_U1_M8/kl": 2.0, "cnf_U2_M8/kl": 3.0}]
+    report.plot_curves(flows, ["cnf_U1_M8/kl", "cnf_U2_M8/kl", "nf_U1_M8/kl"], str(tmp_path), "b",
+                       group=lambda key: f"target {key.split('_')[1]}")
+    left, right = figures[-1].axes
+    assert left.get_title() == "target U1" and right.get_title() == "target U2"
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["CNF M=8", "NF K=8"]
+    assert report.model_label("rnn") == "RNN" and report.model_label("nf_moons") == "NF moons"
