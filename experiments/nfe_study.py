@@ -6,7 +6,10 @@ evaluations of the forward pass and of the backward (adjoint) pass: (d) NFE over
 training. After training the probe batch is solved at each tolerance of
 `study.tolerances`: (a) forward NFE against the numerical error of the ODE block's
 output (relative to a solve at `study.reference_tol`), (b) forward wall time against
-NFE, (c) backward NFE against forward NFE.
+NFE, (c) backward NFE against forward NFE. `study.solvers` sweeps other solvers on the
+same trained model too (e.g. `adams`, the paper's kind of method: its MNIST results
+used LSODE's Adams method), one line per solver in each panel; every solver's error is
+measured against the training solver's reference solve.
 
 NFE are counted by the solver's statistics (forward) and, for the backward pass, by a
 host callback in the vector field that ticks once per evaluation (the adjoint solve
@@ -55,9 +58,16 @@ class StudyOptions:
     # The tolerance sweep's precision, whatever the training's (the top-level dtype):
     # float64 keeps the reference solve accurate far below the tolerances.
     dtype: Literal["float32", "float64"] = "float64"
+    # The solvers swept (adaptive ones; empty: only the training solver).
+    solvers: list[str] = field(default_factory=list)
 
     def check(self):
         errors = {}
+        unknown = [s for s in self.solvers if s not in jaxode.SOLVERS
+                   or not jaxode.SOLVERS[s]().adaptive]
+        if unknown:
+            errors["solvers"] = (f"{unknown} are not adaptive solvers; choose from "
+                                 f"{sorted(n for n, c in jaxode.SOLVERS.items() if c().adaptive)}")
         if not self.tolerances or any(t <= 0 for t in self.tolerances):
             errors["tolerances"] = "list positive tolerances"
         elif self.reference_tol >= min(self.tolerances):
@@ -124,9 +134,10 @@ class NFEStudy(ImageExperiment):
 
     # -------------------------------------------------------------- probes
 
-    def _features(self, model, x, rtol, atol, counting):
-        """The ODE block's output and forward NFE at traced tolerances; with counting
-        true every evaluation of the vector field ticks the host counter."""
+    def _features(self, model, x, rtol, atol, counting, solver=None):
+        """The ODE block's output and forward NFE at traced tolerances (with `solver`, or
+        the block's own); with counting true every evaluation of the vector field ticks
+        the host counter."""
         block = model.features
         counter = self.counter
 
@@ -136,43 +147,43 @@ class NFEStudy(ImageExperiment):
 
         h = jax.vmap(model.downsample)(x)
         sol = jaxode.solve(field, h, jnp.asarray([0.0, block.t1], h.dtype), block.func,
-                           solver=block.solver, rtol=rtol, atol=atol, dt0=block.dt0,
+                           solver=solver or block.solver, rtol=rtol, atol=atol, dt0=block.dt0,
                            max_steps=block.max_steps, adjoint=block.adjoint, dense=False)
         return sol.zs[-1], sol.stats["nfe"]
 
-    def _probe_forward(self, model, x, rtol, atol, counting):
-        h, nfe = self._features(model, x, rtol, atol, counting)
+    def _probe_forward(self, model, x, rtol, atol, counting, solver=None):
+        h, nfe = self._features(model, x, rtol, atol, counting, solver)
         return h, nfe, jax.vmap(model.head)(h)
 
-    def _probe_loss(self, model, x, y, rtol, atol):
-        h, _ = self._features(model, x, rtol, atol, True)
+    def _probe_loss(self, model, x, y, rtol, atol, solver=None):
+        h, _ = self._features(model, x, rtol, atol, True, solver)
         logits = jax.vmap(model.head)(h)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
-    def measure(self, model, tol: float, probe) -> dict:
+    def measure(self, model, tol: float, probe, solver: str | None = None) -> dict:
         """Forward NFE (solver stats and counted), backward NFE, forward output, on the
-        probe batch `probe` = (x, y)."""
+        probe batch `probe` = (x, y), with `solver` (None: the model's)."""
         x, y = probe
         rtol = atol = self.ctx.parallel.replicate(jnp.asarray(tol, x.dtype))
         self.counter.count = 0
-        out, nfe, _ = jax.block_until_ready(self._forward(model, x, rtol, atol, True))
+        out, nfe, _ = jax.block_until_ready(self._forward(model, x, rtol, atol, True, solver))
         jax.effects_barrier()
         forward = self.counter.count
         self.counter.count = 0
-        jax.block_until_ready(self._grad(model, x, y, rtol, atol))
+        jax.block_until_ready(self._grad(model, x, y, rtol, atol, solver))
         jax.effects_barrier()
         total = self.counter.count
         return {"nfe_forward": float(to_numpy(nfe)), "nfe_forward_counted": forward,
                 "nfe_backward": total - forward, "output": to_numpy(out)}
 
-    def time_forward(self, model, tol: float, probe) -> float:
+    def time_forward(self, model, tol: float, probe, solver: str | None = None) -> float:
         x, _ = probe
         rtol = atol = self.ctx.parallel.replicate(jnp.asarray(tol, x.dtype))
-        jax.block_until_ready(self._forward(model, x, rtol, atol, False))
+        jax.block_until_ready(self._forward(model, x, rtol, atol, False, solver))
         times = []
         for _ in range(self.cfg.study.timing_repeats):
             start = time.perf_counter()
-            jax.block_until_ready(self._forward(model, x, rtol, atol, False))
+            jax.block_until_ready(self._forward(model, x, rtol, atol, False, solver))
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
@@ -196,15 +207,23 @@ class NFEStudy(ImageExperiment):
         model = cast(models["odenet"], np.dtype(st.dtype))
         probe = (self.probe[0].astype(st.dtype), self.probe[1])
         reference = self.measure(model, st.reference_tol, probe)["output"]
+        trained = self.cfg.solver.method
+        solvers = [trained] + [s for s in st.solvers if s != trained]
         rows = []
-        for tol in sorted(st.tolerances, reverse=True):
-            m = self.measure(model, tol, probe)
-            error = float(np.linalg.norm(m["output"] - reference) / np.linalg.norm(reference))
-            rows.append({"tolerance": tol, "forward NFE": m["nfe_forward"],
-                         "backward NFE": m["nfe_backward"],
-                         "backward/forward": m["nfe_backward"] / max(m["nfe_forward"], 1),
-                         "relative error": error,
-                         "forward time (ms)": 1000 * self.time_forward(model, tol, probe)})
+        for solver in solvers:
+            # The training solver through the model's own options, the others by name.
+            other = {} if solver == trained else {"solver": solver}
+            for tol in sorted(st.tolerances, reverse=True):
+                m = self.measure(model, tol, probe, **other)
+                error = float(np.linalg.norm(m["output"] - reference)
+                              / np.linalg.norm(reference))
+                rows.append({"solver": solver, "tolerance": tol,
+                             "forward NFE": m["nfe_forward"],
+                             "backward NFE": m["nfe_backward"],
+                             "backward/forward": m["nfe_backward"] / max(m["nfe_forward"], 1),
+                             "relative error": error,
+                             "forward time (ms)": 1000 * self.time_forward(model, tol, probe,
+                                                                          **other)})
         evals = log.split("eval")
         figures = [self._plot(rows, evals, out)]
         curves = plot_curves(log.split("train"), ["loss", "nfe"], out, "training.png",
@@ -215,26 +234,39 @@ class NFEStudy(ImageExperiment):
                  f"to a solve at tolerance {st.reference_tol}; final test error "
                  f"{100 * final.get('test_error', float('nan')):.2f}%",
                  f"trained at rtol=atol={self.cfg.solver.rtol} with {self.cfg.solver.method}, "
-                 f"adjoint={self.cfg.solver.adjoint}"]
+                 f"adjoint={self.cfg.solver.adjoint}; solvers swept: {', '.join(solvers)}"]
         return Report(self.title, rows, figures=figures, notes=notes)
 
     def _plot(self, rows, evals, out):
         plt = pyplot()
         fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
         nfe = [r["forward NFE"] for r in rows]
-        # NFE spans less than a decade: a linear axis keeps its tick labels.
-        axes[0].semilogx([max(r["relative error"], 1e-12) for r in rows], nfe, "o-")
+        solvers = list(dict.fromkeys(r.get("solver") for r in rows))
+        for solver in solvers:
+            mine = [r for r in rows if r.get("solver") == solver]
+            label = solver or None
+            # NFE spans less than a decade: a linear axis keeps its tick labels.
+            axes[0].semilogx([max(r["relative error"], 1e-12) for r in mine],
+                             [r["forward NFE"] for r in mine], "o-", label=label)
+            axes[1].plot([r["forward NFE"] for r in mine],
+                         [r["forward time (ms)"] for r in mine], "o-", label=label)
+            axes[2].scatter([r["forward NFE"] for r in mine], [r["backward NFE"] for r in mine],
+                            label=f"{solver}: sweep" if solver else None)
+        if len(solvers) > 1:
+            axes[0].legend(fontsize=7)
+            axes[1].legend(fontsize=7)
         axes[0].set_xlabel("numerical error")
         axes[0].set_ylabel("forward NFE")
         axes[0].set_title("(a) NFE vs error")
-        axes[1].plot(nfe, [r["forward time (ms)"] for r in rows], "o-")
         axes[1].set_xlabel("forward NFE")
         axes[1].set_ylabel("forward time (ms)")
         axes[1].set_title("(b) time vs NFE")
-        f_all = nfe + [e["nfe_forward"] for e in evals if "nfe_forward" in e]
-        b_all = [r["backward NFE"] for r in rows] + [e["nfe_backward"] for e in evals
-                                                       if "nfe_backward" in e]
-        axes[2].scatter(f_all, b_all)
+        f_train = [e["nfe_forward"] for e in evals if "nfe_forward" in e]
+        b_train = [e["nfe_backward"] for e in evals if "nfe_backward" in e]
+        if f_train:
+            axes[2].scatter(f_train, b_train, marker="x", label="training evaluations")
+        f_all = nfe + f_train
+        b_all = [r["backward NFE"] for r in rows] + b_train
         top = max(f_all + b_all + [1])
         axes[2].plot([0, top], [0, top], "k:", lw=0.8, label="backward = forward")
         axes[2].plot([0, top], [0, top / 2], "k--", lw=0.8, label="backward = forward / 2")

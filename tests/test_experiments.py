@@ -392,8 +392,8 @@ def test_nfe_study_trains_in_float32_and_sweeps_tolerances_in_float64(tmp_path):
             seen["trained"] = {x.dtype for x in jax.tree_util.tree_leaves(models)}
             return super().report(models, log)
 
-        def measure(self, model, tol, probe):
-            m = super().measure(model, tol, probe)
+        def measure(self, model, tol, probe, **options):
+            m = super().measure(model, tol, probe, **options)
             seen.setdefault("outputs", set()).add(m["output"].dtype)
             return m
 
