@@ -179,18 +179,7 @@ def backward(ff, settings: Settings, residuals, g, accumulator):
 
     f_out = jax.vmap(jax.vmap(lambda z, t: field(z, t, theta)), (0, None))(zs, ts)
     ts_bar = jnp.real(jnp.sum(g * f_out, axis=(0, 2)))
-
-    def interval(carry, i):
-        a, a_theta, dt, nfe, status = carry
-        a, a_theta, dt, interval_nfe, interval_status = acc.interval(
-            zs[:, i], a + g[:, i], a_theta, ts[i], ts[i - 1], dt)
-        status = jnp.where(status == loop.SUCCESS, interval_status, status)
-        return (a, a_theta, dt, nfe + interval_nfe, status), None
-
-    last = num_outputs - 1
-    init = (jnp.zeros_like(zs[:, 0]), acc.zero_theta(), acc.first_dt(zs[:, last], g[:, last], ts),
-            jnp.full((num_lanes,), 2, jnp.int32), jnp.full((num_lanes,), loop.SUCCESS, jnp.int32))
-    (a, a_theta, _, nfe, status), _ = lax.scan(interval, init, jnp.arange(last, 0, -1))
+    a, a_theta, nfe, status = acc.solve_back(zs, g, ts)
     ts_bar = ts_bar.at[0].set(-jnp.real(jnp.sum(a * f_out[:, 0])))
     # On every cotangent: an unused one (and its check) may be dropped as dead code.
     z0_bar, ts_bar, a_theta = eqx.branched_error_if(
@@ -209,7 +198,29 @@ def _backward_static(settings: Settings, error_size=None) -> loop.Static:
                        automatic_dt0=False)
 
 
-class _JointAccumulator:
+class _IntervalScan:
+    """The backward pass as a reverse scan over the output intervals, adding dL/dz(t_i)
+    at each output time; `interval` solves one."""
+
+    def solve_back(self, zs, g, ts):
+        """a(t_0) (before adding dL/dz(t_0)), a_θ, and each lane's NFE and status."""
+
+        def interval(carry, i):
+            a, a_theta, dt, nfe, status = carry
+            a, a_theta, dt, interval_nfe, interval_status = self.interval(
+                zs[:, i], a + g[:, i], a_theta, ts[i], ts[i - 1], dt)
+            status = jnp.where(status == loop.SUCCESS, interval_status, status)
+            return (a, a_theta, dt, nfe + interval_nfe, status), None
+
+        num_lanes, last = zs.shape[0], zs.shape[1] - 1
+        init = (jnp.zeros_like(zs[:, 0]), self.zero_theta(),
+                self.first_dt(zs[:, last], g[:, last], ts), jnp.full((num_lanes,), 2, jnp.int32),
+                jnp.full((num_lanes,), loop.SUCCESS, jnp.int32))
+        (a, a_theta, _, nfe, status), _ = lax.scan(interval, init, jnp.arange(last, 0, -1))
+        return a, a_theta, nfe, status
+
+
+class _JointAccumulator(_IntervalScan):
     """a_θ as part of the backward ODE state (z, a, a_θ), one lane."""
 
     def __init__(self, ff, field, theta, settings, tols, params, consts, n):
@@ -298,37 +309,53 @@ class _LaneAccumulator:
                           tols.adjoint_atol)
         return dt.astype(ts.dtype)
 
-    def interval(self, z, a, a_theta, t_start, t_stop, dt):
-        direction = jnp.where(t_stop >= t_start, 1, -1).astype(dt.dtype)
+    def solve_back(self, zs, g, ts):
+        """One loop over the whole backward span in which every lane goes at its own pace,
+        crossing output times on its own (landing on each, where its z is reset to the
+        forward solve's and dL/dz(t_i) is added to its a): no lane waits for the others at
+        an output time."""
+        num_lanes, last, n = zs.shape[0], zs.shape[1] - 1, self.n
+        direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
+        taus = direction * ts  # increasing from taus[last] to taus[0]
         records = []
         f = self.lane_field(direction, records)
-        traced = loop.Traced(self.tols.adjoint_rtol, self.tols.adjoint_atol, dt)
-        taus = direction * jnp.stack([t_start, t_stop])
-        init, step, unfinished, finish = loop.pieces(f, jnp.concatenate([z, a], 1), taus,
+        traced = loop.Traced(self.tols.adjoint_rtol, self.tols.adjoint_atol,
+                             self.first_dt(zs[:, last], g[:, last], ts))
+        y = jnp.concatenate([zs[:, last], g[:, last]], 1)
+        init, step, unfinished, finish = loop.pieces(f, y, taus[jnp.array([last, 0])],
                                                      self.static, traced)
-        b = self.static.solver.tableau.b
+        b, lanes = self.static.solver.tableau.b, jnp.arange(num_lanes)
 
         def body(state):
-            c, a_theta = state
+            c, target, a_theta = state
             records.clear()
-            # The first stage is the previous step's last evaluation: linearise it again.
-            self.lane_field(direction, records)(c.t, c.z)
+            # A fresh first stage (not the previous step's last evaluation): its
+            # linearisation serves the quadrature, and it is right after a jump.
+            c = c._replace(solver_state=f(c.t, c.z))
             c, (dt, accept) = step(c, unfinished(c))
-            weights = jnp.where(accept, dt, 0).astype(z.dtype)
+            weights = jnp.where(accept, dt, 0).astype(zs.dtype)
             for b_i, (pullback, a_i) in zip(b, records):  # stages 1..s; f_1's weight is 0
                 if b_i:
                     theta_bar = pullback(float(b_i) * weights * a_i)[1]
                     a_theta = a_theta - direction * ravel_pytree(theta_bar)[0].astype(a_theta.dtype)
-            return c, a_theta
+            # Lanes that landed on output time `target` (> 0) jump and head for the next.
+            landed = (c.t >= c.t_end) & (target > 0) & (c.status == loop.SUCCESS)
+            i = target[:, 0]
+            jumped = jnp.concatenate([zs[lanes, i], c.z[:, n:] + g[lanes, i]], 1)
+            c = c._replace(z=jnp.where(landed, jumped, c.z),
+                           t_end=jnp.where(landed, taus[jnp.maximum(target - 1, 0)], c.t_end))
+            return c, jnp.where(landed, target - 1, target), a_theta
 
-        c, a_theta = lax.while_loop(lambda s: jnp.any(unfinished(s[0])), body, (init(), a_theta))
+        c = init()._replace(t_end=jnp.full((num_lanes, 1), taus[last - 1]))
+        target = jnp.full((num_lanes, 1), last - 1)
+        c, _, a_theta = lax.while_loop(lambda s: jnp.any(unfinished(s[0])), body,
+                                       (c, target, self.zero_theta()))
         result = finish(c)
-        nfe = result.stats["nfe"] + c.num_steps  # the first stage's second linearisation
-        return (result.zs[:, -1, self.n:], a_theta, result.dt_next,
-                nfe[:, 0], result.status[:, 0])
+        nfe = result.stats["nfe"] + c.num_steps  # the fresh first stages
+        return c.z[:, n:], a_theta, nfe[:, 0] + 1, result.status[:, 0]
 
 
-class _StiffAccumulator:
+class _StiffAccumulator(_IntervalScan):
     """The adjoint method for stiff solvers (`AbstractStiffSolver`: Kvaerno, Rodas5P).
 
     z cannot be integrated backwards on a stiff problem (the reverse of a fast decay is an

@@ -74,6 +74,7 @@ class Result(NamedTuple):
 
 class _Carry(NamedTuple):
     t: jax.Array
+    t_end: jax.Array  # where the solve is heading (per lane: see the lane backward pass)
     z: jax.Array
     solver_state: Any
     dt: jax.Array
@@ -151,7 +152,8 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
         zero = jnp.zeros(lanes, int_)
         probe = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state).stats)
         counts = {key: zero for key in probe}
-        return _Carry(jnp.broadcast_to(t0, lanes), z0, solver_state, jnp.broadcast_to(dt, lanes),
+        return _Carry(jnp.broadcast_to(t0, lanes), jnp.broadcast_to(t_end, lanes), z0,
+                      solver_state, jnp.broadcast_to(dt, lanes),
                       jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, lanes).astype(
                           taus.dtype), controller.init()), jnp.ones(lanes, int_), zs, zero, zero,
                       jnp.broadcast_to(status, lanes).astype(int_), history, counts)
@@ -160,9 +162,9 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
         """One step attempt, and its (dt, accept). `active` is False for a lane that has
         finished while others go on: nothing of it changes."""
         # A last step within rounding of dt is stretched rather than followed by a sliver.
-        last = t_end - c.t <= c.dt * (1 + 100 * eps)
-        dt = jnp.where(last, t_end - c.t, c.dt)
-        t_new = jnp.where(last, t_end, c.t + dt)
+        last = c.t_end - c.t <= c.dt * (1 + 100 * eps)
+        dt = jnp.where(last, c.t_end - c.t, c.dt)
+        t_new = jnp.where(last, c.t_end, c.t + dt)
         attempt = solver.step(f, c.t, c.z, dt, c.solver_state)
         part = (..., slice(static.error_size))
         # Step-size decisions are held constant under differentiation.
@@ -191,7 +193,7 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
                 jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
         t = jnp.where(accept, t_new, c.t)
         num_steps = c.num_steps + jnp.asarray(active, int_)
-        unfinished = (t < t_end) & active
+        unfinished = (t < c.t_end) & active
         stuck = unfinished & (t + dt_next <= t)
         failure = jnp.where(all_finite(attempt.z), STEP_SIZE_UNDERFLOW, NONFINITE_STATE)
         status = jnp.where(stuck & (c.status == SUCCESS), failure, c.status)
@@ -199,20 +201,20 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
                            MAX_STEPS_REACHED, status)
         keep = lambda new, old: jnp.where(accept, new, old)
         return _Carry(
-            t, keep(attempt.z, c.z), jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
+            t, c.t_end, keep(attempt.z, c.z), jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
             dt_next, controller_state, next_output, zs, num_steps,
             c.num_accepted + accept.astype(int_), status.astype(int_), history,
             {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
         ), (dt, accept)
 
     def unfinished(c: _Carry):
-        return (c.t < t_end) & (c.status == SUCCESS)
+        return (c.t < c.t_end) & (c.status == SUCCESS)
 
     initial_nfe = 1 + solver.init_nfe + (1 if static.automatic_dt0 else 0)
 
     def finish(c: _Carry) -> Result:
         if c.zs is None:
-            end = jnp.where(c.t == t_end, c.z, jnp.nan)
+            end = jnp.where(c.t == c.t_end, c.z, jnp.nan)
             zs = jnp.stack([z0, end], axis=-2)
         else:
             zs = c.zs
