@@ -201,7 +201,8 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
                            MAX_STEPS_REACHED, status)
         keep = lambda new, old: jnp.where(accept, new, old)
         return _Carry(
-            t, c.t_end, keep(attempt.z, c.z), jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
+            t, c.t_end, keep(attempt.z, c.z),
+            jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
             dt_next, controller_state, next_output, zs, num_steps,
             c.num_accepted + accept.astype(int_), status.astype(int_), history,
             {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
