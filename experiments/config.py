@@ -42,10 +42,19 @@ class ConfigError(Exception):
 
 # ------------------------------------------------------------------ common sections
 
-SOLVER_NAMES = (
-    "euler", "midpoint", "heun", "ralston", "rk4",
-    "heun_euler", "fehlberg2", "bosh3", "dopri5", "tsit5", "dopri8",
-)
+def solver_names() -> tuple[str, ...]:
+    """The names `solver.method` accepts: those of `jaxode.SOLVERS` (imported on first use,
+    so that reading a config does not import JAX)."""
+    import jaxode
+
+    return tuple(jaxode.SOLVERS)
+
+
+def fixed_step(method: str) -> bool:
+    """Whether the solver `method` takes fixed steps (and so needs `solver.dt0`)."""
+    import jaxode
+
+    return not jaxode.SOLVERS[method]().adaptive
 
 
 @dataclass(kw_only=True)
@@ -114,9 +123,10 @@ class SolverConfig:
 
     def check(self):
         errors = {}
-        if self.method not in SOLVER_NAMES:
-            errors["method"] = f"unknown solver {self.method!r}; expected one of {SOLVER_NAMES}"
-        elif self.method in SOLVER_NAMES[:5] and self.dt0 is None:
+        names = solver_names()
+        if self.method not in names:
+            errors["method"] = f"unknown solver {self.method!r}; expected one of {names}"
+        elif fixed_step(self.method) and self.dt0 is None:
             errors["dt0"] = f"the fixed-step solver {self.method!r} needs a step size dt0"
         if not (self.rtol >= 0 and self.atol >= 0):
             errors["rtol" if self.rtol < 0 else "atol"] = "tolerances must be >= 0"
