@@ -16,7 +16,9 @@
 (odenet) one ODE-Net training step (`benchmarks.odenet_step`'s MNIST architecture:
     forward, adjoint gradient, SGD-momentum update) with adams and with dopri5 at rtol =
     atol = 1e-5, float32: time per step, forward and backward NFE. Target: adams takes
-    fewer evaluations and less time.
+    fewer evaluations and less time. And the ODE block's forward solve in float64 at
+    1e-4 ... 1e-6 against a tight reference: NFE and the true error of each solver (the
+    ReLU field's kinks make dopri5's error estimate far too optimistic).
 
 Each JAX system is compiled once with traced tolerances; the times of one problem are
 sampled round-robin (`common.time_interleaved`), so load from other processes falls
@@ -287,7 +289,46 @@ def section_odenet(cfg):
               "met": nfe(a) < nfe(d) and a["step_s"] < d["step_s"]}
     print(f"adams / dopri5: NFE {target['nfe_ratio']:.2f}x, time {target['time_ratio']:.2f}x, "
           f"target met: {fmt(target['met'])}", flush=True)
-    return {"rows": results, "target": target}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.multistep", "--odenet-worker",
+                          "precision"], cwd=ROOT, capture_output=True, text=True, check=True)
+    precision = json.loads(out.stdout.strip().splitlines()[-1])
+    print(table("(odenet) the ODE block's forward solve in float64 (batch 16, the same weights): "
+                f"error relative to dopri5 at 1e-9 ({precision['reference_nfe']} NFE)",
+                ["solver", "rtol = atol", "NFE", "relative error"],
+                [[r["solver"], fmt(r["tol"], ".0e"), fmt(r["nfe"]), fmt(r["error"], ".2e")]
+                 for r in precision["rows"]]), flush=True)
+    return {"rows": results, "target": target, "precision": precision}
+
+
+def precision_worker():
+    """Forward NFE and true error of the ODE block at 1e-4 .. 1e-6 (float64)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import jaxode
+    import jaxode.nn as nn
+    import jaxode.nn.odenet as odenet
+
+    jax.config.update("jax_enable_x64", True)
+    model = nn.ODENet(channels=64, key=jax.random.PRNGKey(0))
+    model = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, model)
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 1, 28, 28)).astype(jnp.float64)
+    h = odenet.per_example(model.downsample, x, 3)
+    func = model.features.func
+    field = lambda z, t, p: func(z, t)  # noqa: E731
+    ts = jnp.array([0.0, 1.0])
+    # dopri8 at 1e-11 runs out of max_steps: the ReLU field's kinks defeat high orders.
+    ref = jaxode.solve(field, h, ts, solver="dopri5", rtol=1e-9, atol=1e-9, max_steps=50_000)
+    rows = []
+    for method in ("dopri5", "adams"):
+        for tol in (1e-4, 1e-5, 1e-6):
+            sol = jaxode.solve(field, h, ts, solver=method, rtol=tol, atol=tol)
+            error = jnp.linalg.norm(sol.zs[-1] - ref.zs[-1]) / jnp.linalg.norm(ref.zs[-1])
+            rows.append({"solver": method, "tol": tol, "nfe": int(sol.stats["nfe"]),
+                         "error": float(error)})
+    print(json.dumps({"reference_nfe": int(ref.stats["nfe"]), "rows": rows}))
 
 
 def odenet_worker(method, batch, repeats):
@@ -355,8 +396,12 @@ def main(argv=None):
     parser.add_argument("--odenet-batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "multistep.json"))
-    parser.add_argument("--odenet-worker", choices=("dopri5", "adams"), help=argparse.SUPPRESS)
+    parser.add_argument("--odenet-worker", choices=("dopri5", "adams", "precision"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.odenet_worker == "precision":
+        precision_worker()
+        return
     if args.odenet_worker:
         odenet_worker(args.odenet_worker, args.odenet_batch, args.repeats or 3)
         return
