@@ -20,9 +20,9 @@ STAGE_LOOP_SIZE = 256
 
 
 def _combine(weights, stages):
-    """Σ_i w_i K_i over the stage axis of K (..., s + 1, n), as a fused multiply-sum: a
-    dot would batch into many tiny matrix products when vmapped over lanes and times."""
-    return jnp.sum(jnp.asarray(weights, stages.dtype)[..., None] * stages, axis=-2)
+    """Σ_i w_i K_i over the stage axis of K (..., s + 1, n): vmapped over output times it
+    is one matrix product."""
+    return jnp.einsum("s,...sn->...n", jnp.asarray(weights, stages.dtype), stages)
 
 
 def lincomb(coeffs, vectors):
