@@ -98,24 +98,47 @@ def solve(
 ) -> Solution:
     """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
 
-    f: `f(z, t, params) -> dz/dt`, z any pytree of floating or complex arrays.
-    z0: the state at ts[0]. ts: 1-D, strictly increasing or strictly decreasing,
-    length >= 2. params: any pytree, or None; its arrays are differentiated.
-    solver: a name (see `jaxode.SOLVERS`) or a solver object such as `jaxode.Dopri5()`.
-    rtol, atol: the adaptive solvers' tolerances (Hairer's RMS norm over the state).
-    dt0: the first step (adaptive; chosen automatically when None) or the step size
-    (fixed-step solvers, required). max_steps: the most step attempts; reaching it
-    raises. adjoint: "backsolve" / `jaxode.Backsolve(rtol, atol, solver, seminorm)` (the
-    paper's adjoint method, constant memory), "direct" / `jaxode.Direct()`
-    (differentiate the solver's operations) or "forward" / `jaxode.Forward()` (forward
-    mode). controller: a `jaxode.PIController` (adaptive solvers). throw: raise on a
-    run-time failure; False returns it in `Solution.status`. dense: keep every step for
-    `Solution.evaluate` (memory: max_steps x (stages + 2) x the state's size).
-    batch_axis: None, or the axis of z0's leaves that indexes a batch of initial
-    conditions: each sample gets its own steps (as under jax.vmap), zs gets the time
-    axis first and the samples at batch_axis + 1, and the backward pass accumulates
-    the shared parameter gradient once for the batch. `stats` and `status` then have
-    one entry per sample.
+    Args:
+        f: the vector field `f(z, t, params) -> dz/dt`, z any pytree of floating or
+            complex arrays; dz/dt has z's structure, shapes and dtypes.
+        z0: the state at ts[0].
+        ts: 1-D output times, strictly increasing or strictly decreasing, length >= 2.
+        params: any pytree, or None; its arrays are differentiated.
+        solver: a name (see `jaxode.SOLVERS`) or a solver object such as `jaxode.Dopri5()`.
+        rtol: relative tolerance of the adaptive solvers (Hairer's RMS norm).
+        atol: absolute tolerance.
+        dt0: the first step (adaptive solvers; automatic when None) or the step size
+            (fixed-step solvers, required).
+        max_steps: the most step attempts; reaching it is a run-time error.
+        adjoint: how the solve is differentiated: "backsolve" /
+            `jaxode.Backsolve(rtol, atol, solver, seminorm)` (the paper's adjoint method,
+            constant memory), "direct" / `jaxode.Direct()` (through the solver's own
+            operations) or "forward" / `jaxode.Forward()` (forward mode).
+        controller: a `jaxode.PIController` (adaptive solvers); fixed-step solvers use
+            `jaxode.ConstantStep()`.
+        throw: raise on a run-time failure; False returns it in `Solution.status`.
+        dense: keep every step for `Solution.evaluate` (memory: max_steps x
+            (stages + 2) x the state's size).
+        batch_axis: None, or the axis of z0's leaves that indexes a batch of initial
+            conditions: each sample gets its own steps (as under `jax.vmap`), zs gets the
+            time axis first and the samples at batch_axis + 1, and the backward pass
+            accumulates the shared parameter gradient once for the batch. `stats` and
+            `status` then have one entry per sample.
+
+    Returns:
+        A `Solution`: `ts`, `zs` (z0's structure, each leaf with a leading axis of
+        len(ts)), `stats`, `status` and `evaluate(t)`.
+
+    Raises:
+        ValueError: while tracing, for a bad argument (named in the message).
+        TypeError: while tracing, for an argument of the wrong kind, a removed keyword,
+            or a derivative the adjoint does not give.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxode
+        >>> sol = jaxode.solve(lambda z, t, k: -k * z, jnp.ones(2), jnp.array([0.0, 1.0]), 2.0)
+        >>> bool(jnp.allclose(sol.zs[-1], jnp.exp(-2.0), rtol=1e-5))
+        True
     """
     for name in removed:
         if name in _REMOVED:
@@ -153,10 +176,29 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis) -> Sol
 
 
 def odeint(f: Callable, z0, ts, params=None, **options: Unpack[SolveOptions]):
-    """Integrate dz/dt = f(z, t, params) and return z at every time in ts: `solve(...).zs`,
-    with the same arguments.
+    """Integrate dz/dt = f(z, t, params) and return z at every time in ts.
 
-    Returns zs with z0's structure, each leaf with a leading axis of len(ts).
+    Args:
+        f: the vector field `f(z, t, params) -> dz/dt`.
+        z0: the state at ts[0], any pytree of floating or complex arrays.
+        ts: 1-D output times, strictly increasing or strictly decreasing, length >= 2.
+        params: any pytree, or None.
+        **options: the keywords of `jaxode.solve` (solver, rtol, atol, dt0, max_steps,
+            adjoint, controller, throw, dense, batch_axis).
+
+    Returns:
+        zs with z0's structure, each leaf with a leading axis of len(ts): `solve(...).zs`.
+
+    Raises:
+        ValueError: as `jaxode.solve`.
+        TypeError: as `jaxode.solve`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxode
+        >>> loss = lambda k: jaxode.odeint(lambda z, t, k: -k * z, jnp.ones(1),
+        ...                                jnp.array([0.0, 1.0]), k)[-1, 0]
+        >>> bool(jnp.allclose(jax.grad(loss)(2.0), -jnp.exp(-2.0), rtol=1e-4))
+        True
     """
     return solve(f, z0, ts, params, **options).zs
 
@@ -164,11 +206,32 @@ def odeint(f: Callable, z0, ts, params=None, **options: Unpack[SolveOptions]):
 def adjoint_nfe(f: Callable, z0, ts, params=None, *, cotangent=None,
                 **options: Unpack[SolveOptions]) -> dict:
     """The function evaluations of one gradient by the adjoint method (Figure 3(c) of the
-    paper): {"forward": ..., "backward": ...}, per sample with batch_axis.
+    paper).
 
     Runs the forward solve and the backward pass that `jax.grad` of `odeint(...,
     adjoint=Backsolve(...))` would run, for the loss whose gradient with respect to zs
-    is `cotangent` (zs's structure; default: all ones). The other arguments are solve's.
+    is `cotangent`.
+
+    Args:
+        f: as `jaxode.solve`.
+        z0: as `jaxode.solve`.
+        ts: as `jaxode.solve`.
+        params: as `jaxode.solve`.
+        cotangent: dL/dzs, with zs's structure (default: all ones).
+        **options: the keywords of `jaxode.solve`; `adjoint` must be a `Backsolve`.
+
+    Returns:
+        {"forward": ..., "backward": ...}: JAX integers, one per sample with batch_axis.
+
+    Raises:
+        ValueError: for an adjoint other than Backsolve, or a cotangent with batch_axis.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxode
+        >>> nfe = jaxode.adjoint_nfe(lambda z, t, k: -k * z, jnp.ones(1),
+        ...                          jnp.array([0.0, 1.0]), 2.0)
+        >>> int(nfe["backward"]) > 0
+        True
     """
     adjoint = adjoint_lib.resolve_adjoint(options.pop("adjoint", "backsolve"))
     if not isinstance(adjoint, adjoint_lib.Backsolve):

@@ -31,6 +31,8 @@ STATUS_MESSAGES = (
     "jaxode: non-finite state: the vector field produced NaN or inf",
     "jaxode: ts must be strictly increasing or strictly decreasing",
 )
+"""The message of each run-time outcome, indexed by `Solution.status`: 0 success,
+1 max_steps reached, 2 step-size underflow, 3 non-finite state, 4 ts not monotonic."""
 
 SAVE_CHUNK = 4  # outputs filled per pass of the output loop
 

@@ -1,4 +1,4 @@
-"""The examples in the docstrings of jaxode.nn and jaxode.cli run (doctest).
+"""The examples in the docstrings of jaxode.api, jaxode.nn and jaxode.cli run (doctest).
 
 The examples that compile an ODE solve take seconds each: those run with `-m slow`.
 """
@@ -15,7 +15,7 @@ import jaxode.nn.flows
 import jaxode.nn.latent
 import jaxode.nn.odenet
 
-MODULES = (jaxode.nn.odenet, jaxode.nn.latent, jaxode.nn.flows, jaxode.nn._util, jaxode.cli)
+MODULES = (jaxode.api, jaxode.nn.odenet, jaxode.nn.latent, jaxode.nn.flows, jaxode.nn._util, jaxode.cli)
 # Examples that compile a solve (2-8 s each here).
 SLOW = {"ODENet", "ODEBlock", "RKNet", "ResNet", "LatentODE", "ODERNNEncoder", "CNF",
         "FFJORD"}

@@ -28,6 +28,7 @@ SOLVERS: dict[str, type[AbstractSolver]] = {
                 Tsit5, Dopri8, ExplicitAdams, ImplicitAdams, Adams, Kvaerno3, Kvaerno4, Kvaerno5,
                 Rodas5P)
 }
+"""Every solver's name (the `solver=` string) mapped to its class."""
 
 
 def resolve_solver(solver, argument: str = "solver") -> AbstractSolver:
