@@ -9,13 +9,15 @@ import doctest
 
 import pytest
 
+import jaxode.api
 import jaxode.cli
 import jaxode.nn._util
 import jaxode.nn.flows
 import jaxode.nn.latent
 import jaxode.nn.odenet
 
-MODULES = (jaxode.api, jaxode.nn.odenet, jaxode.nn.latent, jaxode.nn.flows, jaxode.nn._util, jaxode.cli)
+MODULES = (jaxode.api, jaxode.nn.odenet, jaxode.nn.latent, jaxode.nn.flows, jaxode.nn._util,
+           jaxode.cli)
 # Examples that compile a solve (2-8 s each here).
 SLOW = {"ODENet", "ODEBlock", "RKNet", "ResNet", "LatentODE", "ODERNNEncoder", "CNF",
         "FFJORD"}
