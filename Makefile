@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.gradients
 	$(BIN)/python -m benchmarks.models
 	$(BIN)/python -m benchmarks.odenet_step
+	$(BIN)/python -m benchmarks.stiff
 	$(BIN)/python -m benchmarks.multistep
 
 clean:

@@ -33,6 +33,10 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "cnf", "MaxLikelihood",
         "CNF against planar NF by maximum likelihood on 2-D data (Figures 5-6)",
     ),
+    "stiff_robertson": (
+        "stiff", "StiffRobertson",
+        "a neural vector field learns Robertson's stiff kinetics with rodas5p / kvaerno5",
+    ),
 }
 
 
