@@ -383,7 +383,8 @@ class _StiffAccumulator(_IntervalScan):
     def __init__(self, ff, field, theta, settings, tols, params, consts, n, *, zs, ts):
         self.field, self.theta, self.tols, self.zs, self.ts = field, theta, tols, zs, ts
         forward = settings.forward
-        self.resolve = forward._replace(dense=True, checkpointed=False, error_size=None)
+        self.resolve = forward._replace(dense=True, checkpointed=False, error_size=None,
+                                        progress=False)
         self.back = _backward_static(settings)._replace(dense=True,
                                                         automatic_dt0=forward.automatic_dt0)
 

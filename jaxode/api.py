@@ -76,6 +76,7 @@ class SolveOptions(TypedDict, total=False):
     throw: bool
     dense: bool
     batch_axis: int | None
+    progress: bool
 
 
 def solve(
@@ -94,6 +95,7 @@ def solve(
     throw: bool = True,
     dense: bool = False,
     batch_axis: int | None = None,
+    progress: bool = False,
     **removed,
 ) -> Solution:
     """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
@@ -124,6 +126,9 @@ def solve(
             time axis first and the samples at batch_axis + 1, and the backward pass
             accumulates the shared parameter gradient once for the batch. `stats` and
             `status` then have one entry per sample.
+        progress: show the integration's progress in t and its step count on stderr (at
+            most 101 updates a solve; under vmap one bar for the batch, following its
+            slowest sample). Off, the compiled program is unchanged.
 
     Returns:
         A `Solution`: `ts`, `zs` (z0's structure, each leaf with a leading axis of
@@ -148,7 +153,7 @@ def solve(
     adjoint = adjoint_lib.resolve_adjoint(adjoint)
     settings, tols = _setup(z0, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
                             max_steps=max_steps, adjoint=adjoint, controller=controller,
-                            dense=dense)
+                            dense=dense, progress=progress)
     return _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis)
 
 
@@ -184,7 +189,7 @@ def odeint(f: Callable, z0, ts, params=None, **options: Unpack[SolveOptions]):
         ts: 1-D output times, strictly increasing or strictly decreasing, length >= 2.
         params: any pytree, or None.
         **options: the keywords of `jaxode.solve` (solver, rtol, atol, dt0, max_steps,
-            adjoint, controller, throw, dense, batch_axis).
+            adjoint, controller, throw, dense, batch_axis, progress).
 
     Returns:
         zs with z0's structure, each leaf with a leading axis of len(ts): `solve(...).zs`.
@@ -262,7 +267,7 @@ def adjoint_nfe(f: Callable, z0, ts, params=None, *, cotangent=None,
 
 
 def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=4096, adjoint,
-           controller=None, dense=False):
+           controller=None, dense=False, progress=False):
     """Checks the options and builds the settings once: (Settings, Tolerances)."""
     solver = resolve_solver(solver)
     controller = _controller(controller, solver, dt0)
@@ -273,15 +278,16 @@ def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=409
         _check_number("dt0", dt0)
         if isinstance(dt0, numbers.Real) and dt0 == 0:
             raise ValueError("dt0: must be non-zero")
-    if not isinstance(dense, bool):
-        raise TypeError(f"dense: expected a bool, got {dense!r}")
+    for name, flag in (("dense", dense), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
     backsolve = adjoint if isinstance(adjoint, adjoint_lib.Backsolve) else adjoint_lib.Backsolve()
     backward_solver = backsolve.solver or solver
     if isinstance(controller, PIController) and not backward_solver.adaptive:
         raise ValueError(f"adjoint: Backsolve.solver {backward_solver.name!r} is fixed-step; "
                          "an adaptive forward solve needs an adaptive backward one")
     forward = loop.Static(solver, controller, int(max_steps), dense=dense,
-                          automatic_dt0=dt0 is None)
+                          automatic_dt0=dt0 is None, progress=progress)
     settings = adjoint_lib.Settings(forward, backward_solver, backsolve.seminorm)
     real = lambda x: jnp.asarray(x, jnp.finfo(_state_dtype(z0)).dtype)
     tols = adjoint_lib.Tolerances(

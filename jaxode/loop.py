@@ -9,6 +9,7 @@ place where the direction is handled.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import equinox.internal as eqxi
@@ -47,6 +48,7 @@ class Static(NamedTuple):
     checkpointed: bool = False  # reverse-differentiable loop (adjoint="direct")
     error_size: int | None = None  # only z[:error_size] enters the error norm
     automatic_dt0: bool = True
+    progress: bool = False  # report the progress in t on stderr
 
 
 class Traced(NamedTuple):
@@ -194,6 +196,8 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
             history = jax.tree_util.tree_map(row, history, History(
                 jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
         t = jnp.where(accept, t_new, c.t)
+        if static.progress:
+            _report_progress(t0, t_end, c.t, t, c.num_steps + 1)
         num_steps = c.num_steps + jnp.asarray(active, int_)
         unfinished = (t < c.t_end) & active
         stuck = unfinished & (t + dt_next <= t)
@@ -231,6 +235,26 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
         return Result(zs, stats, c.status, c.history, c.dt)
 
     return init, step, unfinished, finish
+
+
+def _report_progress(t0, t_end, t_before, t_after, num_steps):
+    """Each time the solve (under vmap: its slowest lane) passes another whole percent of
+    the span, one host callback redraws the bar: at most 101 updates a solve."""
+    # The end is 100% exactly, whatever the rounding of the division.
+    percent = lambda t: jnp.where(t >= t_end, 100, jnp.floor(100 * (t - t0) / (t_end - t0)))
+    slowest = lambda x: -eqxi.unvmap_max(-jnp.min(x))
+    before, after = slowest(percent(t_before)), slowest(percent(t_after))
+    steps = eqxi.unvmap_max(jnp.max(num_steps))
+    lax.cond(after > before, lambda: jax.debug.callback(_draw_progress, after, steps),
+             lambda: None)
+
+
+def _draw_progress(percent, steps):
+    percent = int(percent)
+    bar = "#" * (percent // 4) + "-" * (25 - percent // 4)
+    end = "\n" if percent >= 100 else ""
+    sys.stderr.write(f"\rjaxode [{bar}] {percent:3d}%  {int(steps)} steps{end}")
+    sys.stderr.flush()
 
 
 def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):

@@ -254,3 +254,38 @@ def test_against_scipy(solver, scipy_references):
             failures.append(f"{name}: status {status}, relative error {relative:.3g}, "
                             f"closure {closure:.3g}, bound {bound:.3g}")
     assert not failures, f"{solver} at tol={tol:g}:\n" + "\n".join(failures)
+
+
+# ------------------------------------------------------------------ progress
+
+
+def _decay_solve(**options):
+    return jaxode.solve(lambda z, t, p: -z, jnp.ones(2), jnp.linspace(0.0, 3.0, 4), **options)
+
+
+def test_progress_reaches_100_percent_with_bounded_updates(capfd):
+    jax.block_until_ready(jax.jit(lambda: _decay_solve(progress=True).zs)())
+    jax.effects_barrier()
+    err = capfd.readouterr().err
+    updates = [u for u in err.split("\r") if u.startswith("jaxode [")]
+    assert updates and "100%" in updates[-1]
+    percents = [int(u.split("]")[1].split("%")[0]) for u in updates]
+    assert percents == sorted(percents) and len(percents) <= 101
+
+
+def test_progress_off_prints_nothing_and_leaves_the_program_unchanged(capfd):
+    jax.block_until_ready(_decay_solve().zs)
+    jax.effects_barrier()
+    assert capfd.readouterr().err == ""
+    lowered = lambda **kw: jax.jit(lambda: _decay_solve(throw=False, **kw).zs).lower().as_text()
+    assert lowered() == lowered(progress=False)
+    assert "callback" not in lowered() and "callback" in lowered(progress=True)
+
+
+def test_progress_under_vmap_shows_one_bar(capfd):
+    solve = lambda z0: jaxode.odeint(lambda z, t, p: -z, z0, jnp.linspace(0.0, 3.0, 4),
+                                     progress=True)
+    jax.block_until_ready(jax.vmap(solve)(jnp.ones((5, 2)) * jnp.arange(1, 6)[:, None]))
+    jax.effects_barrier()
+    err = capfd.readouterr().err
+    assert err.count("100%") == 1
