@@ -192,6 +192,37 @@ def work_precision(names, tols, repeats):
     return records
 
 
+def at_equal_error(records):
+    """For each reference run (diffrax Kvaerno5, and scipy's best per problem and rtol),
+    the fastest jaxode run of each solver with an equal or smaller error: time ratios."""
+    rows, out = [], []
+    problems_ = sorted({r["problem"] for r in records}, key=[r["problem"] for r in records].index)
+    for pname in problems_:
+        runs = [r for r in records if r["problem"] == pname and r["error"] is not None]
+        refs = [r for r in runs if r["system"] == "diffrax Kvaerno5"]
+        for rtol in sorted({r["rtol"] for r in runs}, reverse=True):
+            scipy_runs = [r for r in runs if r["system"].startswith("scipy") and r["rtol"] == rtol]
+            if scipy_runs:
+                refs.append(min(scipy_runs, key=lambda r: r["time"]))
+        for ref in refs:
+            row = [pname, ref["system"], f"{ref['rtol']:.0e}", fmt(ref["error"], ".1e"),
+                   ms(ref["time"])]
+            for solver in ("jaxode kvaerno5", "jaxode rodas5p"):
+                ok = [r for r in runs if r["system"] == solver and r["error"] <= ref["error"]]
+                best = min(ok, key=lambda r: r["time"]) if ok else None
+                value = None if best is None else best["time"] / ref["time"]
+                out.append(dict(problem=pname, reference=ref["system"], rtol=ref["rtol"],
+                                solver=solver, ratio=value,
+                                at_rtol=None if best is None else best["rtol"]))
+                row.append("-" if best is None else f"{value:.2f}x @{best['rtol']:.0e}")
+            rows.append(row)
+    print(table("(a') time at equal or smaller error (the fastest jaxode run whose error is "
+                "<= the reference's)",
+                ["problem", "reference", "rtol", "error", "time ms", "kvaerno5", "rodas5p"],
+                rows, note="-: no jaxode run reached that error (tightest rtol 1e-10)"))
+    return out
+
+
 def gradients():
     import diffrax
     import jax
@@ -263,6 +294,7 @@ def main(argv=None):
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "machine": platform.platform(), "cpus": os.cpu_count(),
            "work_precision": work_precision(args.problems, tols, 10 if args.quick else 20)}
+    out["at_equal_error"] = at_equal_error(out["work_precision"])
     if not args.no_gradients:
         out["gradients"] = gradients()
     path = ROOT / "bench_results" / "stiff.json"

@@ -372,3 +372,31 @@ def test_newton_failure_rejects_the_step():
     assert int(tight.status) == SUCCESS
     assert int(tight.stats["num_rejected"]) > int(loose.stats["num_rejected"])
     np.testing.assert_allclose(tight.zs[-1], loose.zs[-1], rtol=1e-4)
+
+
+def test_pytree_state_and_vmap_over_ts():
+    """A (dict) pytree state, and vmap over the output times."""
+
+    def field(z, t, k):
+        y = jnp.concatenate([z["a"], z["bc"]])
+        dy = robertson(y, t, k)
+        return {"a": dy[:1], "bc": dy[1:]}
+
+    z0 = {"a": jnp.array([1.0]), "bc": jnp.array([0.0, 0.0])}
+    ends = jnp.array([1.0, 10.0])
+    solve = lambda end: jaxode.odeint(field, z0, jnp.stack([0.0, end]), jnp.asarray(K_ROBERTSON),
+                                      solver="rodas5p", rtol=1e-8, atol=1e-12)
+    zs = jax.vmap(solve)(ends)
+    ref = reference("robertson")[2]  # t = 1
+    np.testing.assert_allclose(jnp.concatenate([zs["a"][0, -1], zs["bc"][0, -1]]), ref,
+                               rtol=1e-5, atol=1e-10)
+    assert zs["bc"].shape == (2, 2, 2)
+
+
+def test_unrolled_stages_match_the_stage_loop():
+    field, y0, _, params, _ = PROBLEMS["oregonator"]
+    ts = jnp.array([0.0, 10.0])
+    run = lambda loop: jaxode.odeint(field, jnp.asarray(y0), ts, params,
+                                     solver=jaxode.Kvaerno3(stage_loop=loop), rtol=1e-6,
+                                     atol=1e-8)
+    np.testing.assert_allclose(run(False), run(True), rtol=1e-9)
