@@ -275,7 +275,8 @@ class _LaneAccumulator:
         solver = settings.backward_solver
         if not isinstance(solver, ExplicitRK):
             raise TypeError("adjoint: a batch_axis backward pass needs an explicit Runge-Kutta "
-                            f"Backsolve.solver, got {solver!r}")
+                            f"Backsolve.solver, got {solver!r}; pass e.g. "
+                            "adjoint=jaxode.Backsolve(solver='dopri5')")
         self.field, self.theta, self.settings, self.tols, self.n = field, theta, settings, tols, n
         # The quadrature reuses each stage's linearisation: the stages must be unrolled.
         solver = dataclasses.replace(solver, stage_loop=False)

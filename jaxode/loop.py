@@ -114,80 +114,100 @@ def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
     return finish(final)
 
 
-def pieces(f, z0, taus, static: Static, traced: Traced):
-    """init, step, unfinished and finish of the loop over dz/dτ = f(τ, z), τ increasing.
+class Loop:
+    """The pieces of the loop over dz/dτ = f(τ, z), τ increasing: `init`, `step`,
+    `unfinished` and `finish`, for the loops that drive them (`solve`, and the adjoint's
+    lane-batched backward pass).
 
     z0 is one state (n,) or a batch of lanes (lanes, n), each lane with its own t, dt
-    and status of shape (lanes, 1) (the adjoint's lane-batched backward pass)."""
-    solver, controller = static.solver, static.controller
-    n, num_outputs = z0.shape[-1], taus.shape[0]
-    t0, t_end = taus[0], taus[-1]
-    int_ = jnp.int32
-    eps = jnp.finfo(taus.dtype).eps
-    lanes = z0.shape[:-1] + (1,) if z0.ndim > 1 else ()
-    all_finite = lambda z: jnp.all(jnp.isfinite(z), axis=-1, keepdims=z.ndim > 1)
+    and status of shape (lanes, 1).
+    """
 
-    def init() -> _Carry:
+    def __init__(self, f, z0, taus, static: Static, traced: Traced):
+        self.f, self.z0, self.taus, self.static, self.traced = f, z0, taus, static, traced
+        self.solver, self.controller = static.solver, static.controller
+        self.lanes = z0.shape[:-1] + (1,) if z0.ndim > 1 else ()
+
+    def init(self) -> _Carry:
+        f, z0, taus, static, solver = self.f, self.z0, self.taus, self.static, self.solver
+        t0, t_end, lanes = taus[0], taus[-1], self.lanes
         status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
         f0 = f(t0, z0)
         solver_state = solver.init(f, t0, z0, f0)
         if static.automatic_dt0:
-            dt = initial_step(f, t0, z0, f0, solver.order, traced.rtol, traced.atol,
+            dt = initial_step(f, t0, z0, f0, solver.order, self.traced.rtol, self.traced.atol,
                               static.error_size)
             dt = lax.stop_gradient(dt.astype(taus.dtype))
         else:
-            dt = traced.dt0.astype(taus.dtype)
+            dt = self.traced.dt0.astype(taus.dtype)
         # A non-finite start would otherwise spin through max_steps rejected steps.
-        status = jnp.where(all_finite(z0) & jnp.isfinite(dt), status, NONFINITE_STATE)
+        status = jnp.where(_all_finite(z0) & jnp.isfinite(dt), status, NONFINITE_STATE)
         zs = None
-        if num_outputs > 2:
-            zs = jnp.full((*z0.shape[:-1], num_outputs, n), jnp.nan, z0.dtype)
+        if taus.shape[0] > 2:
+            zs = jnp.full((*z0.shape[:-1], taus.shape[0], z0.shape[-1]), jnp.nan, z0.dtype)
             zs = zs.at[..., 0, :].set(z0)
-        history = None
-        if static.dense:
-            dense = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state).dense)
-            rows = lambda x: jnp.zeros((static.max_steps, *x.shape), x.dtype)
-            history = History(
-                t_start=jnp.full((static.max_steps,), jnp.inf, taus.dtype),
-                dt=jnp.ones((static.max_steps,), taus.dtype),
-                z_start=jnp.zeros((static.max_steps, n), z0.dtype),
-                dense=jax.tree_util.tree_map(rows, dense),
-            )
-        zero = jnp.zeros(lanes, int_)
-        probe = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state).stats)
-        counts = {key: zero for key in probe}
+        probe = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state))
+        zero = jnp.zeros(lanes, jnp.int32)
+        controller_state = jax.tree_util.tree_map(
+            lambda x: jnp.broadcast_to(x, lanes).astype(taus.dtype), self.controller.init())
         return _Carry(jnp.broadcast_to(t0, lanes), jnp.broadcast_to(t_end, lanes), z0,
-                      solver_state, jnp.broadcast_to(dt, lanes),
-                      jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, lanes).astype(
-                          taus.dtype), controller.init()), jnp.ones(lanes, int_), zs, zero, zero,
-                      jnp.broadcast_to(status, lanes).astype(int_), history, counts)
+                      solver_state, jnp.broadcast_to(dt, lanes), controller_state,
+                      jnp.ones(lanes, jnp.int32), zs, zero, zero,
+                      jnp.broadcast_to(status, lanes).astype(jnp.int32),
+                      self._empty_history(probe.dense), {key: zero for key in probe.stats})
 
-    def step(c: _Carry, active=True):
+    def _empty_history(self, dense):
+        if not self.static.dense:
+            return None
+        rows, dtype = self.static.max_steps, self.taus.dtype
+        return History(
+            t_start=jnp.full((rows,), jnp.inf, dtype), dt=jnp.ones((rows,), dtype),
+            z_start=jnp.zeros((rows, self.z0.shape[-1]), self.z0.dtype),
+            dense=jax.tree_util.tree_map(lambda x: jnp.zeros((rows, *x.shape), x.dtype), dense))
+
+    def step(self, c: _Carry, active=True):
         """One step attempt, and its (dt, accept). `active` is False for a lane that has
         finished while others go on: nothing of it changes."""
+        static, solver = self.static, self.solver
         # A last step within rounding of dt is stretched rather than followed by a sliver.
-        last = c.t_end - c.t <= c.dt * (1 + 100 * eps)
+        last = c.t_end - c.t <= c.dt * (1 + 100 * jnp.finfo(self.taus.dtype).eps)
         dt = jnp.where(last, c.t_end - c.t, c.dt)
         t_new = jnp.where(last, c.t_end, c.t + dt)
-        attempt = solver.step(f, c.t, c.z, dt, c.solver_state)
+        attempt = solver.step(self.f, c.t, c.z, dt, c.solver_state)
         part = (..., slice(static.error_size))
         # Step-size decisions are held constant under differentiation.
         error, z_start, z_end = lax.stop_gradient((attempt.error, c.z[part], attempt.z[part]))
-        accept, dt_next, controller_state = controller.adapt(
-            dt, None if error is None else error[part], z_start, z_end, traced.rtol,
-            traced.atol, solver.error_order, c.controller_state)
+        accept, dt_next, controller_state = self.controller.adapt(
+            dt, None if error is None else error[part], z_start, z_end, self.traced.rtol,
+            self.traced.atol, solver.current_error_order(c.solver_state), c.controller_state)
         accept = accept & active
         # After a final step shortened to land on t_end, hand on the unshortened proposal.
         dt_next = jnp.where(last & accept, jnp.maximum(dt_next, c.dt), dt_next)
         dt_next = jnp.where(active, dt_next, c.dt)
         if controller_state is not None:
             controller_state = jnp.where(active, controller_state, c.controller_state)
-        zs, next_output = c.zs, c.next_output
+        zs, next_output, history = self._record(c, dt, t_new, attempt, accept, active)
+        t = jnp.where(accept, t_new, c.t)
+        if static.progress:
+            _report_progress(self.taus[0], self.taus[-1], c.t, t, c.num_steps + 1)
+        num_steps = c.num_steps + jnp.asarray(active, jnp.int32)
+        keep = lambda new, old: jnp.where(accept, new, old)
+        return _Carry(
+            t, c.t_end, keep(attempt.z, c.z),
+            jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
+            dt_next, controller_state, next_output, zs, num_steps,
+            c.num_accepted + accept.astype(jnp.int32),
+            self._status(c, t, dt_next, num_steps, attempt.z, active), history,
+            {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
+        ), (dt, accept)
+
+    def _record(self, c, dt, t_new, attempt, accept, active):
+        """The outputs the step passed, and its row of the dense history."""
+        zs, next_output, history = c.zs, c.next_output, c.history
         if zs is not None:
-            save = _save_masked if static.checkpointed else _save
-            zs, next_output = save(solver, taus, zs, next_output, c.t, c.z, dt, t_new,
-                                   attempt.z, attempt.dense, accept)
-        history = c.history
+            save = _save_masked if self.static.checkpointed else _save
+            zs, next_output = save(self.solver, self.taus, zs, next_output, c.t, c.z, dt,
+                                   t_new, attempt.z, attempt.dense, accept)
         if history is not None:
             # One row per attempt, each written once. A rejected attempt shares its t_start
             # with the accepted one that follows, which comes later in the rows and so is
@@ -195,46 +215,44 @@ def pieces(f, z0, taus, static: Static, traced: Traced):
             row = lambda buffer, x: buffer.at[c.num_steps].set(x)
             history = jax.tree_util.tree_map(row, history, History(
                 jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
-        t = jnp.where(accept, t_new, c.t)
-        if static.progress:
-            _report_progress(t0, t_end, c.t, t, c.num_steps + 1)
-        num_steps = c.num_steps + jnp.asarray(active, int_)
+        return zs, next_output, history
+
+    def _status(self, c, t, dt_next, num_steps, z_new, active):
         unfinished = (t < c.t_end) & active
         stuck = unfinished & (t + dt_next <= t)
-        failure = jnp.where(all_finite(attempt.z), STEP_SIZE_UNDERFLOW, NONFINITE_STATE)
+        failure = jnp.where(_all_finite(z_new), STEP_SIZE_UNDERFLOW, NONFINITE_STATE)
         status = jnp.where(stuck & (c.status == SUCCESS), failure, c.status)
-        status = jnp.where((status == SUCCESS) & unfinished & (num_steps >= static.max_steps),
+        status = jnp.where((status == SUCCESS) & unfinished & (num_steps >= self.static.max_steps),
                            MAX_STEPS_REACHED, status)
-        keep = lambda new, old: jnp.where(accept, new, old)
-        return _Carry(
-            t, c.t_end, keep(attempt.z, c.z),
-            jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
-            dt_next, controller_state, next_output, zs, num_steps,
-            c.num_accepted + accept.astype(int_), status.astype(int_), history,
-            {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
-        ), (dt, accept)
+        return status.astype(jnp.int32)
 
-    def unfinished(c: _Carry):
+    def unfinished(self, c: _Carry):
         return (c.t < c.t_end) & (c.status == SUCCESS)
 
-    initial_nfe = 1 + solver.init_nfe + (1 if static.automatic_dt0 else 0)
-
-    def finish(c: _Carry) -> Result:
+    def finish(self, c: _Carry) -> Result:
         if c.zs is None:
-            end = jnp.where(c.t == c.t_end, c.z, jnp.nan)
-            zs = jnp.stack([z0, end], axis=-2)
+            zs = jnp.stack([self.z0, jnp.where(c.t == c.t_end, c.z, jnp.nan)], axis=-2)
         else:
             zs = c.zs
-        stats = {"nfe": solver.step_nfe * c.num_steps, "num_jacobians": 0,
+        initial_nfe = 1 + self.solver.init_nfe + (1 if self.static.automatic_dt0 else 0)
+        stats = {"nfe": self.solver.step_nfe * c.num_steps, "num_jacobians": 0,
                  "num_linear_solves": 0, **c.counts}
         stats["nfe"] = initial_nfe + stats["nfe"]
         stats.update(num_steps=c.num_steps, num_accepted=c.num_accepted,
                      num_rejected=c.num_steps - c.num_accepted)
         zero = jnp.zeros_like(c.num_steps)
-        stats = {k: jnp.asarray(v, int_) + zero for k, v in stats.items()}
+        stats = {k: jnp.asarray(v, jnp.int32) + zero for k, v in stats.items()}
         return Result(zs, stats, c.status, c.history, c.dt)
 
-    return init, step, unfinished, finish
+
+def pieces(f, z0, taus, static: Static, traced: Traced):
+    """(init, step, unfinished, finish) of a `Loop`."""
+    loop = Loop(f, z0, taus, static, traced)
+    return loop.init, loop.step, loop.unfinished, loop.finish
+
+
+def _all_finite(z):
+    return jnp.all(jnp.isfinite(z), axis=-1, keepdims=z.ndim > 1)
 
 
 def _report_progress(t0, t_end, t_before, t_after, num_steps):

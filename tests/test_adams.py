@@ -357,9 +357,10 @@ def test_gradients_against_finite_differences(solver, true_gradient):
         tol = 1e-5 if adjoint == "backsolve" and solver != "adams" else rtol
         np.testing.assert_allclose(g_p, fd, rtol=tol, atol=tol * 1e-2, err_msg=adjoint)
         np.testing.assert_allclose(g_z, fd_z, rtol=tol, atol=tol * 1e-2, err_msg=adjoint)
-    # Direct and Forward differentiate the same discrete solve.
+    # Direct and Forward differentiate the same discrete solve (to rounding: their sums
+    # run in different orders over hundreds of steps).
     for a, b in zip(grads["direct"], grads["forward"]):
-        np.testing.assert_allclose(a, b, rtol=1e-10)
+        np.testing.assert_allclose(a, b, rtol=1e-9)
 
 
 def _lanes_loss(p, adjoint):
