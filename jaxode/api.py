@@ -243,7 +243,14 @@ def adjoint_nfe(f: Callable, z0, ts, params=None, *, cotangent=None,
         raise ValueError(f"adjoint: adjoint_nfe counts the adjoint method's, got {adjoint!r}")
     batch_axis = options.pop("batch_axis", None)
     options.pop("throw", None)
+    if cotangent is not None and batch_axis is not None:
+        raise ValueError("cotangent: only the default (ones) is supported with batch_axis")
     settings, tols = _setup(z0, adjoint=adjoint, **{**options, "dense": False})
+    return _adjoint_nfe(f, z0, ts, params, cotangent, settings, tols, batch_axis)
+
+
+@eqx.filter_jit
+def _adjoint_nfe(f, z0, ts, params, cotangent, settings, tols, batch_axis):
     f_flat, z0_flat, ts, params, _ = _flatten(f, z0, ts, params, batch_axis, tols)
     ts = ts.astype(tols.rtol.dtype)
     lanes = batch_axis is not None
@@ -253,12 +260,11 @@ def adjoint_nfe(f: Callable, z0, ts, params=None, *, cotangent=None,
     zs = forward.zs if lanes else forward.zs[None]
     if cotangent is None:
         g = jnp.ones_like(zs)
-    elif not lanes:
-        g = jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)[None]
     else:
-        raise ValueError("cotangent: only the default (ones) is supported with batch_axis")
-    accumulator = adjoint_lib._LaneAccumulator if lanes else adjoint_lib._JointAccumulator
+        g = jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)[None]
     residuals = (zs, ts, params, tuple(consts), tols)
+    default = adjoint_lib._LaneAccumulator if lanes else adjoint_lib._JointAccumulator
+    accumulator = adjoint_lib.accumulator_for(settings, residuals, default)
     _, backward = adjoint_lib.backward(converted, settings, residuals, g, accumulator)
     return {"forward": forward.stats["nfe"], "backward": backward if lanes else backward[0]}
 
