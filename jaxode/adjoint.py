@@ -50,6 +50,13 @@ class Backsolve(AbstractAdjoint):
     seminorm: leave a_θ out of the backward error norm (Kidger, Chen & Lyons 2021),
     which takes fewer backward steps; a lane-batched (`batch_axis`) backward pass
     never controls a_θ's error.
+
+    With a stiff backward solver (Kvaerno3/4/5, Rodas5P: the forward one by default), z is
+    never integrated backwards (on a stiff problem that explodes): each output interval
+    is re-solved forwards with dense output, only a is solved backwards (each backward
+    step factorises an n x n Jacobian, n the state's size) and a_θ is a quadrature over
+    the backward steps. Memory then grows with one interval's steps (two dense
+    histories of max_steps rows), not the whole solve's; first-order gradients only.
     """
 
     rtol: float | None = None
