@@ -64,15 +64,18 @@ class ExplicitRK(AbstractSolver):
         loop = z.size >= STAGE_LOOP_SIZE if self.stage_loop is None else self.stage_loop
         if loop:
             z1, stages = self._looped_stages(f, t, z, dt, k1)
+            rows = [stages[..., i, :] for i in range(tab.num_stages + 1)]
         else:
-            stages = [k1]
+            rows = [k1]
             for i in range(1, tab.num_stages):
-                z_i = z + dt * lincomb(tab.a[i, :i], stages)
-                stages.append(f(t + float(tab.c[i]) * dt, z_i))
-            z1 = z + dt * lincomb(tab.b, stages)
-            stages = jnp.stack([*stages, f(t + dt, z1)], axis=-2)
-        error = None if tab.b_err is None else dt * _combine(tab.b_err, stages)
-        return Step(z=z1, error=error, dense=stages, state=stages[..., -1, :])
+                z_i = z + dt * lincomb(tab.a[i, :i], rows)
+                rows.append(f(t + float(tab.c[i]) * dt, z_i))
+            z1 = z + dt * lincomb(tab.b, rows)
+            rows.append(f(t + dt, z1))
+            stages = jnp.stack(rows, axis=-2)
+        # Static weights over the rows: fused elementwise work, no matrix product.
+        error = None if tab.b_err is None else dt * lincomb(tab.b_err, rows)
+        return Step(z=z1, error=error, dense=stages, state=rows[-1])
 
     def _looped_stages(self, f, t, z, dt, k1):
         """The stages k_2..k_s and f_1 as rows 1..s of the extended tableau (f_1's row of a
