@@ -12,12 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 from typing_extensions import TypedDict, Unpack
 
 from . import adjoint as adjoint_lib
 from . import loop
 from .control import AbstractController, ConstantStep, PIController
 from .solvers import AbstractSolver, resolve_solver
+
+# f(z, t, params) -> dz/dt, z any pytree of arrays and dz/dt of its structure.
+VectorField = Callable[[PyTree[Array], Array, PyTree], PyTree[Array]]
 
 # The keywords of version 1 that `Backsolve` replaced: keyword -> its field.
 _REMOVED = {"adjoint_rtol": "rtol", "adjoint_atol": "atol", "adjoint_solver": "solver",
@@ -80,10 +84,10 @@ class SolveOptions(TypedDict, total=False):
 
 
 def solve(
-    f: Callable,
-    z0,
-    ts,
-    params=None,
+    f: VectorField,
+    z0: PyTree[ArrayLike],
+    ts: Float[ArrayLike, " times"],
+    params: PyTree = None,
     *,
     solver: str | AbstractSolver = "dopri5",
     rtol: float = 1e-6,
@@ -180,7 +184,8 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis) -> Sol
                     solver=settings.forward.solver, unravel=unravel, batch_axis=batch_axis)
 
 
-def odeint(f: Callable, z0, ts, params=None, **options: Unpack[SolveOptions]):
+def odeint(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"],
+           params: PyTree = None, **options: Unpack[SolveOptions]) -> PyTree[Array]:
     """Integrate dz/dt = f(z, t, params) and return z at every time in ts.
 
     Args:
@@ -208,8 +213,9 @@ def odeint(f: Callable, z0, ts, params=None, **options: Unpack[SolveOptions]):
     return solve(f, z0, ts, params, **options).zs
 
 
-def adjoint_nfe(f: Callable, z0, ts, params=None, *, cotangent=None,
-                **options: Unpack[SolveOptions]) -> dict:
+def adjoint_nfe(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"],
+                params: PyTree = None, *, cotangent: PyTree[ArrayLike] | None = None,
+                **options: Unpack[SolveOptions]) -> dict[str, Int[Array, ...]]:
     """The function evaluations of one gradient by the adjoint method (Figure 3(c) of the
     paper).
 
