@@ -20,9 +20,14 @@ STAGE_LOOP_SIZE = 256
 
 
 def _combine(weights, stages):
-    """Σ_i w_i K_i over the stage axis of K (..., s + 1, n): vmapped over output times it
-    is one matrix product."""
-    return jnp.einsum("s,...sn->...n", jnp.asarray(weights, stages.dtype), stages)
+    """Σ_i w_i K_i over the stage axis of K (..., s + 1, n), unrolled into one fused
+    elementwise loop: as a product it would, vmapped over lanes and output times, become
+    many tiny batched matrix products."""
+    weights = jnp.asarray(weights, stages.dtype)
+    total = weights[..., 0, None] * stages[..., 0, :]
+    for i in range(1, stages.shape[-2]):
+        total = total + weights[..., i, None] * stages[..., i, :]
+    return total
 
 
 def lincomb(coeffs, vectors):
