@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.solve
 	$(BIN)/python -m benchmarks.gradients
+	$(BIN)/python -m benchmarks.work_precision
 	$(BIN)/python -m benchmarks.models
 	$(BIN)/python -m benchmarks.odenet_step
 	$(BIN)/python -m benchmarks.stiff
