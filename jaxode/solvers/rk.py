@@ -92,7 +92,8 @@ class ExplicitRK(AbstractSolver):
 
         def stage(i, carry):
             stages, _ = carry
-            z_i = z + dt * _combine(a[i], stages)
+            # One row of weights for all lanes: a single contraction compiles smallest.
+            z_i = z + dt * jnp.einsum("s,...sn->...n", a[i].astype(stages.dtype), stages)
             return stages.at[..., i, :].set(f(t + c[i] * dt, z_i)), z_i
 
         stages = jnp.zeros((*z.shape[:-1], s + 1, z.shape[-1]), z.dtype).at[..., 0, :].set(k1)
