@@ -100,11 +100,12 @@ def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
     taus = direction * ts
     init, step, unfinished, finish = pieces(f_tau, z0, taus, static, traced)
     if static.checkpointed:
-        final = eqxi.while_loop(
-            lambda c: jnp.any(unfinished(c)), lambda c: step(c, unfinished(c))[0], init(),
-            max_steps=static.max_steps,
-            buffers=lambda c: c.history, kind="checkpointed",
-        )
+        # A single trajectory (vmapped or not: equinox's loop masks batched lanes) is
+        # active whenever the body runs; explicit lanes (lanes, n) mask themselves.
+        body = (lambda c: step(c, unfinished(c))[0]) if z0.ndim > 1 else (lambda c: step(c)[0])
+        final = eqxi.while_loop(lambda c: jnp.any(unfinished(c)), body, init(),
+                                max_steps=static.max_steps, buffers=lambda c: c.history,
+                                kind="checkpointed")
     else:
         # The loop runs while any lane (of a vmapped solve) is unfinished; the step masks
         # the finished ones itself: a batched loop condition would make XLA select every

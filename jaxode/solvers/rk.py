@@ -102,10 +102,12 @@ class ExplicitRK(AbstractSolver):
 
     def interpolate(self, z0, dt, stages, theta):
         """z0 + dt Σ_i p_i(θ) K_i, with the tableau's dense-output polynomials p_i."""
-        dense = self.tableau.dense
-        # θ, θ², ... by products: a vmapped power would be a costly pow per lane and time.
-        powers = jnp.cumprod(jnp.full(dense.shape[1], theta, jnp.real(z0).dtype))
-        weights = jnp.asarray(dense, powers.dtype) @ powers
+        # Horner's rule per polynomial, in products: a vmapped power would cost a pow per
+        # lane and time, and a cumulative product a scan in its derivative.
+        theta = jnp.asarray(theta, jnp.real(z0).dtype)
+        weights = 0.0
+        for column in self.tableau.dense.T[::-1]:
+            weights = (weights + jnp.asarray(column, theta.dtype)) * theta
         return z0 + dt * _combine(weights, stages)
 
 
