@@ -29,7 +29,8 @@ STATUS_MESSAGES = (
     "jaxode: step size underflow (t + dt == t): the step size became too small for the "
     "floating-point precision of t, the usual float32 failure on stiff or very "
     "tight-tolerance problems; use float64 or loosen rtol/atol",
-    "jaxode: non-finite state: the vector field produced NaN or inf",
+    "jaxode: non-finite state: the vector field produced NaN or inf, or an implicit "
+    "solver's corrector iteration did not converge even at the smallest step",
     "jaxode: ts must be strictly increasing or strictly decreasing",
 )
 """The message of each run-time outcome, indexed by `Solution.status`: 0 success,
