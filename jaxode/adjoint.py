@@ -205,7 +205,14 @@ def _backward_static(settings: Settings, error_size=None) -> loop.Static:
                        automatic_dt0=False)
 
 
-class _IntervalScan:
+class _Accumulator:
+    """How a backward pass accumulates a_θ; `theta` and `tols` are set by each."""
+
+    def zero_theta(self):
+        return jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(self.tols.rtol.dtype)
+
+
+class _IntervalScan(_Accumulator):
     """The backward pass as a reverse scan over the output intervals, adding dL/dz(t_i)
     at each output time; `interval` solves one."""
 
@@ -231,9 +238,8 @@ class _JointAccumulator(_IntervalScan):
     """a_θ as part of the backward ODE state (z, a, a_θ), one lane."""
 
     def __init__(self, ff, field, theta, settings, tols, params, consts, n):
-        self.settings, self.tols, self.n = settings, tols, n
+        self.settings, self.tols, self.n, self.theta = settings, tols, n, theta
         self.params, self.consts = params, consts
-        self.theta0 = ravel_pytree(theta)[0].astype(tols.rtol.dtype)
         error_size = 2 * n if settings.seminorm else None
         self.inner = Settings(_backward_static(settings, error_size), settings.backward_solver,
                               settings.seminorm)
@@ -247,14 +253,12 @@ class _JointAccumulator(_IntervalScan):
 
         self.augmented = augmented
 
-    def zero_theta(self):
-        return jnp.zeros_like(self.theta0)
-
     def first_dt(self, z_last, g_last, ts):
         tols = self.tols
         if not self.settings.forward.automatic_dt0:
             return tols.dt0[None]
-        y = jnp.concatenate([z_last[0], g_last[0], self.theta0.astype(z_last.dtype)])
+        # a_θ starts at zero, as in the backward solve itself.
+        y = jnp.concatenate([z_last[0], g_last[0], self.zero_theta().astype(z_last.dtype)])
         direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
         f = lambda tau, y: direction * self.augmented(y, direction * tau, self.params, *self.consts)
         tau = direction * ts[-1]
@@ -275,7 +279,7 @@ class _JointAccumulator(_IntervalScan):
                 result.stats["nfe"][None], result.status[None])
 
 
-class _LaneAccumulator:
+class _LaneAccumulator(_Accumulator):
     """a_θ as a quadrature over the stages of every lane's accepted steps."""
 
     def __init__(self, ff, field, theta, settings, tols, params, consts, n):
@@ -288,9 +292,6 @@ class _LaneAccumulator:
         # The quadrature reuses each stage's linearisation: the stages must be unrolled.
         solver = dataclasses.replace(solver, stage_loop=False)
         self.static = _backward_static(settings._replace(backward_solver=solver))
-
-    def zero_theta(self):
-        return jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(self.tols.rtol.dtype)
 
     def lane_field(self, direction, records=None):
         """d/dτ (z, a) for (lanes, 2n) states at per-lane τ, keeping each stage's pullback."""
@@ -396,9 +397,6 @@ class _StiffAccumulator(_IntervalScan):
         self.back = _backward_static(settings)._replace(dense=True,
                                                         automatic_dt0=forward.automatic_dt0)
 
-    def zero_theta(self):
-        return jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(self.tols.rtol.dtype)
-
     def first_dt(self, z_last, g_last, ts):
         return jnp.zeros(z_last.shape[:1], ts.dtype)  # each solve picks its own first step
 
@@ -414,8 +412,9 @@ class _StiffAccumulator(_IntervalScan):
         fwd = loop.solve(lambda t, z: self.field(z, t, theta), z_begin, span, self.resolve,
                          loop.Traced(tols.rtol, tols.atol, tols.dt0))
         forward_sign = jnp.where(t_end >= t_begin, 1, -1).astype(span.dtype)
-        z_at = lambda t: _dense_at(self.resolve.solver, fwd.history, fwd.stats["num_steps"],
-                                   forward_sign * t)
+        # Extrapolated past the span: a stage time may lie beyond it (Kvaerno5's c_3 = 1.23).
+        z_at = lambda t: loop.evaluate(self.resolve.solver, fwd.history, fwd.stats["num_steps"],
+                                       forward_sign * t)
 
         def adjoint_field(t, a):
             _, vjp = jax.vjp(lambda z_: self.field(z_, t, theta), z_at(t))
@@ -445,16 +444,6 @@ class _StiffAccumulator(_IntervalScan):
         status = jnp.where(fwd.status != loop.SUCCESS, fwd.status, back.status)
         nfe = fwd.stats["nfe"] + back.stats["nfe"] + len(self.NODES) * num_steps
         return back.zs[-1], jnp.real(theta_bar), nfe, status
-
-
-def _dense_at(solver, history, num_steps, tau):
-    """`loop.evaluate` without its NaN outside the span: a stage time slightly past the
-    interval (Kvaerno5's c_3 = 1.23) extrapolates the nearest step's interpolant."""
-    index = jnp.searchsorted(history.t_start, tau, side="right") - 1
-    index = jnp.clip(index, 0, jnp.maximum(num_steps - 1, 0))
-    dt = history.dt[index]
-    row = jax.tree_util.tree_map(lambda x: x[index], history.dense)
-    return solver.interpolate(history.z_start[index], dt, row, (tau - history.t_start[index]) / dt)
 
 
 def accumulator_for(settings: Settings, residuals, default):

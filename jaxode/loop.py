@@ -323,12 +323,15 @@ def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, acce
     return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
 
 
-def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end):
-    """The flat state at τ from the stored steps; NaN outside [τ_0, τ_end]."""
+def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):
+    """The flat state at τ from the stored steps; NaN outside [τ_0, τ_end] (without
+    tau_end: the nearest step's interpolant, extrapolated)."""
     index = jnp.searchsorted(history.t_start, tau, side="right") - 1
     index = jnp.clip(index, 0, jnp.maximum(num_steps - 1, 0))
     dt = history.dt[index]
     row = jax.tree_util.tree_map(lambda x: x[index], history.dense)
     z = solver.interpolate(history.z_start[index], dt, row, (tau - history.t_start[index]) / dt)
+    if tau_end is None:
+        return z
     inside = (tau >= history.t_start[0]) & (tau <= tau_end)
     return jnp.where(inside, z, jnp.nan)
