@@ -672,3 +672,19 @@ def test_half_precision_states_are_refused(dtype):
 def test_solvers_are_public():
     assert set(jaxode.SOLVERS) >= {"euler", "rk4", "dopri5", "tsit5", "dopri8"}
     assert jaxode.SOLVERS["tsit5"] is jaxode.Tsit5
+
+
+@pytest.mark.parametrize("options, error, name", [
+    (dict(progress="yes"), TypeError, "progress"),
+    (dict(dense=1), TypeError, "dense"),
+    (dict(adjoint=jaxode.Backsolve(solver="rk4")), ValueError, "Backsolve.solver"),
+    (dict(adjoint=42), TypeError, "adjoint"),
+])
+def test_bad_v2_options_are_refused_naming_them(options, error, name):
+    with pytest.raises(error, match=name):
+        jaxode.odeint(lambda z, t, p: -z, jnp.ones(2), jnp.array([0.0, 1.0]), **options)
+
+
+def test_backsolve_seminorm_must_be_a_bool():
+    with pytest.raises(TypeError, match="Backsolve.seminorm"):
+        jaxode.Backsolve(seminorm="x")
