@@ -4,6 +4,7 @@ from . import nn  # noqa: F401  (the models: jaxode.nn)
 from .adjoint import AbstractAdjoint, Backsolve, Direct, Forward
 from .api import Solution, adjoint_nfe, odeint, solve
 from .control import AbstractController, ConstantStep, PIController
+from .events import Event
 from .loop import STATUS_MESSAGES
 from .solvers import (
     RK4,
@@ -35,7 +36,7 @@ from .solvers import (
 __version__ = "0.2.0"
 
 __all__ = [
-    "odeint", "solve", "adjoint_nfe", "Solution", "STATUS_MESSAGES", "SOLVERS",
+    "odeint", "solve", "adjoint_nfe", "Solution", "Event", "STATUS_MESSAGES", "SOLVERS",
     "Backsolve", "Direct", "Forward", "AbstractAdjoint",
     "PIController", "ConstantStep", "AbstractController",
     "AbstractSolver", "ExplicitRK", "ButcherTableau",

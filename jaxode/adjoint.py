@@ -33,7 +33,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.interpreters import ad, batching, mlir
 
-from . import loop
+from . import events, loop
 from .control import ConstantStep, PIController, initial_step
 from .solvers import AbstractSolver, ExplicitRK, resolve_solver
 from .solvers.implicit import AbstractStiffSolver
@@ -107,6 +107,18 @@ class Settings(NamedTuple):
     forward: loop.Static
     backward_solver: AbstractSolver
     seminorm: bool
+    event: events.Event | None = None  # its cond as cond(z, t, params, *consts), flat z
+
+
+class Residuals(NamedTuple):
+    """What the backward pass needs, for lanes (one lane: a joint solve)."""
+
+    zs: jax.Array  # (lanes, len(ts), n)
+    ts: jax.Array  # (lanes, len(ts)): ts, with the times after a lane's event moved onto it
+    live: jax.Array  # (lanes, len(ts)): the times that are still the caller's
+    params: object
+    consts: tuple
+    tols: object
 
 
 class Tolerances(NamedTuple):
@@ -123,8 +135,26 @@ class Tolerances(NamedTuple):
 
 
 def _solve(ff, settings: Settings, z0, ts, params, consts, tols: Tolerances):
+    event = settings.event
+    if event is not None:
+        cond = event.cond
+        event = events.Event(lambda t, z: cond(z, t, params, *consts), event.direction)
     return loop.solve(lambda t, z: ff(z, t, params, *consts), z0, ts, settings.forward,
-                      tols.forward())
+                      tols.forward(), event)
+
+
+def _residuals(result, ts, params, consts, tols) -> Residuals:
+    """The residuals of a solve (result.zs (len(ts), n), or (lanes, len(ts), n)). After an
+    event the outputs hold z at the event time, so the backward pass takes them there:
+    the intervals between them have zero length."""
+    zs = result.zs if result.zs.ndim == 3 else result.zs[None]
+    times = jnp.broadcast_to(ts, zs.shape[:2])
+    if result.event_time is None:
+        return Residuals(zs, times, jnp.ones(times.shape, bool), params, consts, tols)
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
+    t_event = jnp.reshape(result.event_time, (-1, 1))
+    live = ~jnp.reshape(result.event_happened, (-1, 1)) | (direction * times < direction * t_event)
+    return Residuals(zs, jnp.where(live, times, t_event), live, params, consts, tols)
 
 
 # ------------------------------------------------------------------ joint backsolve
@@ -139,14 +169,14 @@ def _backsolve_fwd(ff, settings, z0, ts, params, consts, tols):
     # The custom_vjp function itself, not its body: differentiating the residuals again
     # (gradients of gradients) then uses the adjoint method too.
     result = _backsolve(ff, settings, z0, ts, params, consts, tols)
-    return result, (result.zs[None], ts, params, consts, tols)
+    return result, _residuals(result, ts, params, consts, tols)
 
 
 def _backsolve_bwd(ff, settings, residuals, cotangents):
     accumulator = accumulator_for(settings, residuals, _JointAccumulator)
     bars, _ = backward(ff, settings, residuals, cotangents.zs[None], accumulator)
     z0_bar, *rest = bars
-    return (z0_bar[0], *rest, _zeros_like(residuals[-1]))
+    return (z0_bar[0], *rest, _zeros_like(residuals.tols))
 
 
 _backsolve.defvjp(_backsolve_fwd, _backsolve_bwd)
@@ -159,13 +189,13 @@ def _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols):
 
 def _backsolve_lanes_fwd(ff, settings, z0s, ts, params, consts, tols):
     result = _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols)
-    return result, (result.zs, ts, params, consts, tols)
+    return result, _residuals(result, ts, params, consts, tols)
 
 
 def _backsolve_lanes_bwd(ff, settings, residuals, cotangents):
     accumulator = accumulator_for(settings, residuals, _LaneAccumulator)
     bars, _ = backward(ff, settings, residuals, cotangents.zs, accumulator)
-    return (*bars, _zeros_like(residuals[-1]))
+    return (*bars, _zeros_like(residuals.tols))
 
 
 _backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
@@ -174,20 +204,22 @@ _backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
 # ------------------------------------------------------------------ the backward skeleton
 
 
-def backward(ff, settings: Settings, residuals, g, accumulator):
+def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
     """The adjoint solves, for lanes zs (lanes, len(ts), n) (one lane: a joint solve).
     Returns the cotangents of (z0s, ts, params, consts) and each lane's backward NFE."""
-    zs, ts, params, consts, tols = residuals
+    zs, ts, live, params, consts, tols = residuals
     num_lanes, num_outputs, n = zs.shape
     real = ts.dtype
     g = g.astype(zs.dtype)
     theta, unravel_theta, field = _parameter_view(ff, params, consts)
     acc = accumulator(ff, field, theta, settings, tols, params, consts, n)
 
-    f_out = jax.vmap(jax.vmap(lambda z, t: field(z, t, theta)), (0, None))(zs, ts)
-    ts_bar = jnp.real(jnp.sum(g * f_out, axis=(0, 2)))
+    f_out = jax.vmap(jax.vmap(lambda z, t: field(z, t, theta)))(zs, ts)
+    ts_bar = jnp.real(jnp.sum(g * f_out, axis=2))
     a, a_theta, nfe, status = acc.solve_back(zs, g, ts)
-    ts_bar = ts_bar.at[0].set(-jnp.real(jnp.sum(a * f_out[:, 0])))
+    ts_bar = ts_bar.at[:, 0].set(-jnp.real(jnp.sum(a * f_out[:, 0], axis=1)))
+    # A time after the event is not where its output was taken: no gradient.
+    ts_bar = jnp.sum(jnp.where(live, ts_bar, 0), axis=0)
     # On every cotangent: an unused one (and its check) may be dropped as dead code.
     z0_bar, ts_bar, a_theta = eqx.branched_error_if(
         (a + g[:, 0], ts_bar, a_theta), jnp.any(status != loop.SUCCESS), jnp.max(status),
@@ -222,7 +254,7 @@ class _IntervalScan(_Accumulator):
         def interval(carry, i):
             a, a_theta, dt, nfe, status = carry
             a, a_theta, dt, interval_nfe, interval_status = self.interval(
-                zs[:, i], a + g[:, i], a_theta, ts[i], ts[i - 1], dt)
+                i, zs[:, i], a + g[:, i], a_theta, ts[:, i], ts[:, i - 1], dt)
             status = jnp.where(status == loop.SUCCESS, interval_status, status)
             return (a, a_theta, dt, nfe + interval_nfe, status), None
 
@@ -259,6 +291,7 @@ class _JointAccumulator(_IntervalScan):
             return tols.dt0[None]
         # a_θ starts at zero, as in the backward solve itself.
         y = jnp.concatenate([z_last[0], g_last[0], self.zero_theta().astype(z_last.dtype)])
+        ts = ts[0]
         direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
         f = lambda tau, y: direction * self.augmented(y, direction * tau, self.params, *self.consts)
         tau = direction * ts[-1]
@@ -266,17 +299,22 @@ class _JointAccumulator(_IntervalScan):
                           tols.adjoint_rtol, tols.adjoint_atol, self.inner.forward.error_size)
         return dt[None].astype(ts.dtype)
 
-    def interval(self, z, a, a_theta, t_start, t_stop, dt):
-        y = jnp.concatenate([z[0], a[0], a_theta.astype(z.dtype)])
-        tols = self.tols._replace(rtol=self.tols.adjoint_rtol, atol=self.tols.adjoint_atol,
-                                  dt0=dt[0])
-        result = _backsolve(self.augmented, self.inner, y, jnp.stack([t_start, t_stop]),
-                            self.params, self.consts, tols)
-        y_end, n = result.zs[-1], self.n
-        # a_θ rides in a complex state as a real vector: its imaginary part stays zero.
-        return (y_end[None, n: 2 * n], jnp.real(y_end[2 * n:]).astype(a_theta.dtype),
-                result.dt_next[None],
-                result.stats["nfe"][None], result.status[None])
+    def interval(self, i, z, a, a_theta, t_start, t_stop, dt):
+        def solve():
+            y = jnp.concatenate([z[0], a[0], a_theta.astype(z.dtype)])
+            tols = self.tols._replace(rtol=self.tols.adjoint_rtol, atol=self.tols.adjoint_atol,
+                                      dt0=dt[0])
+            result = _backsolve(self.augmented, self.inner, y, jnp.concatenate([t_start, t_stop]),
+                                self.params, self.consts, tols)
+            y_end, n = result.zs[-1], self.n
+            # a_θ rides in a complex state as a real vector: its imaginary part stays zero.
+            return (y_end[None, n: 2 * n], jnp.real(y_end[2 * n:]).astype(a_theta.dtype),
+                    result.dt_next[None], result.stats["nfe"][None], result.status[None])
+
+        # Between outputs after an event (all at the event time) there is nothing to solve.
+        nothing = lambda: (a, a_theta, dt, jnp.zeros((1,), jnp.int32),
+                           jnp.full((1,), loop.SUCCESS, jnp.int32))
+        return lax.cond(t_start[0] == t_stop[0], nothing, solve)
 
 
 class _LaneAccumulator(_Accumulator):
@@ -311,8 +349,8 @@ class _LaneAccumulator(_Accumulator):
         tols = self.tols
         if not self.settings.forward.automatic_dt0:
             return jnp.full((z_last.shape[0], 1), tols.dt0, ts.dtype)
-        direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
-        f, tau = self.lane_field(direction), direction * ts[-1]
+        direction = jnp.where(ts[0, 0] >= ts[0, -1], 1, -1).astype(ts.dtype)
+        f, tau = self.lane_field(direction), direction * ts[:, -1:]
         y = jnp.concatenate([z_last, g_last], axis=1)
         dt = initial_step(f, tau, y, f(tau, y), self.static.solver.order, tols.adjoint_rtol,
                           tols.adjoint_atol)
@@ -322,16 +360,16 @@ class _LaneAccumulator(_Accumulator):
         """One loop over the whole backward span in which every lane goes at its own pace,
         crossing output times on its own (landing on each, where its z is reset to the
         forward solve's and dL/dz(t_i) is added to its a): no lane waits for the others at
-        an output time."""
+        an output time. Each lane has its own times ts (lanes, len(ts))."""
         num_lanes, last, n = zs.shape[0], zs.shape[1] - 1, self.n
-        direction = jnp.where(ts[0] >= ts[-1], 1, -1).astype(ts.dtype)
-        taus = direction * ts  # increasing from taus[last] to taus[0]
+        direction = jnp.where(ts[0, 0] >= ts[0, -1], 1, -1).astype(ts.dtype)
+        taus = direction * ts  # each row increasing from taus[:, last] to taus[:, 0]
         records = []
         f = self.lane_field(direction, records)
         traced = loop.Traced(self.tols.adjoint_rtol, self.tols.adjoint_atol,
                              self.first_dt(zs[:, last], g[:, last], ts))
         y = jnp.concatenate([zs[:, last], g[:, last]], 1)
-        init, step, unfinished, finish = loop.pieces(f, y, taus[jnp.array([last, 0])],
+        init, step, unfinished, finish = loop.pieces(f, y, taus[0, jnp.array([last, 0])],
                                                      self.static, traced)
         b, lanes = self.static.solver.tableau.b, jnp.arange(num_lanes)
 
@@ -347,18 +385,23 @@ class _LaneAccumulator(_Accumulator):
                 if b_i:
                     theta_bar = pullback(float(b_i) * weights * a_i)[1]
                     a_theta = a_theta - direction * ravel_pytree(theta_bar)[0].astype(a_theta.dtype)
-            # Lanes that landed on output time `target` (> 0) jump and head for the next.
+            # Lanes that landed on output time `target` (> 0) jump and head for the next
+            # (at once, if it is the same time: outputs after an event).
             landed = (c.t >= c.t_end) & (target > 0) & (c.status == loop.SUCCESS)
             i = target[:, 0]
             jumped = jnp.concatenate([zs[lanes, i], c.z[:, n:] + g[lanes, i]], 1)
+            t_next = taus[lanes, jnp.maximum(i - 1, 0)][:, None]
             c = c._replace(z=jnp.where(landed, jumped, c.z),
-                           t_end=jnp.where(landed, taus[jnp.maximum(target - 1, 0)], c.t_end))
+                           t_end=jnp.where(landed, t_next, c.t_end))
             return c, jnp.where(landed, target - 1, target), a_theta
 
-        c = init()._replace(t_end=jnp.full((num_lanes, 1), taus[last - 1]))
+        def going(state):
+            c, target, _ = state
+            return jnp.any(unfinished(c) | ((target > 0) & (c.status == loop.SUCCESS)))
+
+        c = init()._replace(t=taus[:, last:last + 1], t_end=taus[:, last - 1:last])
         target = jnp.full((num_lanes, 1), last - 1)
-        c, _, a_theta = lax.while_loop(lambda s: jnp.any(unfinished(s[0])), body,
-                                       (c, target, self.zero_theta()))
+        c, _, a_theta = lax.while_loop(going, body, (c, target, self.zero_theta()))
         result = finish(c)
         nfe = result.stats["nfe"] + c.num_steps  # the fresh first stages
         return c.z[:, n:], a_theta, nfe[:, 0] + 1, result.status[:, 0]
@@ -389,8 +432,8 @@ class _StiffAccumulator(_IntervalScan):
     NODES = (np.polynomial.legendre.leggauss(3)[0] + 1) / 2
     WEIGHTS = np.polynomial.legendre.leggauss(3)[1] / 2
 
-    def __init__(self, ff, field, theta, settings, tols, params, consts, n, *, zs, ts):
-        self.field, self.theta, self.tols, self.zs, self.ts = field, theta, tols, zs, ts
+    def __init__(self, ff, field, theta, settings, tols, params, consts, n, *, zs):
+        self.field, self.theta, self.tols, self.zs = field, theta, tols, zs
         forward = settings.forward
         self.resolve = forward._replace(dense=True, checkpointed=False, error_size=None,
                                         progress=False)
@@ -400,13 +443,19 @@ class _StiffAccumulator(_IntervalScan):
     def first_dt(self, z_last, g_last, ts):
         return jnp.zeros(z_last.shape[:1], ts.dtype)  # each solve picks its own first step
 
-    def interval(self, z, a, a_theta, t_start, t_stop, dt):
-        z_begin = self.zs[:, jnp.argmin(jnp.abs(self.ts - t_stop))]
-        a_new, theta_bar, nfe, status = jax.vmap(self._lane, (0, 0, None, None))(
-            z_begin, a, t_stop, t_start)
+    def interval(self, i, z, a, a_theta, t_start, t_stop, dt):
+        a_new, theta_bar, nfe, status = jax.vmap(self._lane)(self.zs[:, i - 1], a, t_stop, t_start)
         return a_new, a_theta + jnp.sum(theta_bar, 0).astype(a_theta.dtype), dt, nfe, status
 
     def _lane(self, z_begin, a_end, t_begin, t_end):
+        # Between outputs after an event (all at the event time) there is nothing to solve.
+        zero = jnp.real(jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(a_end.dtype))
+        nothing = lambda: (a_end, zero,
+                           jnp.zeros((), jnp.int32), jnp.asarray(loop.SUCCESS, jnp.int32))
+        return lax.cond(t_begin == t_end, nothing,
+                        lambda: self._interval_lane(z_begin, a_end, t_begin, t_end))
+
+    def _interval_lane(self, z_begin, a_end, t_begin, t_end):
         tols, theta = self.tols, self.theta
         span = jnp.stack([t_begin, t_end])
         fwd = loop.solve(lambda t, z: self.field(z, t, theta), z_begin, span, self.resolve,
@@ -450,7 +499,7 @@ def accumulator_for(settings: Settings, residuals, default):
     """The a_θ accumulator of a backward pass: `default` (joint or lanes), or the stiff
     one when the backward solver is implicit or Rosenbrock."""
     if isinstance(settings.backward_solver, AbstractStiffSolver):
-        return functools.partial(_StiffAccumulator, zs=residuals[0], ts=residuals[1])
+        return functools.partial(_StiffAccumulator, zs=residuals.zs)
     return default
 
 
@@ -504,29 +553,57 @@ ad.primitive_transposes[_forward_only_p] = _refuse_reverse
 
 
 def solve(adjoint: AbstractAdjoint, ff, settings: Settings, z0, ts, params, tols, lanes: bool):
-    """A flat solve (`ff(z, t, params)`; z0 (n,), or (lanes, n) when `lanes`) whose
-    derivatives are those `adjoint` asks for."""
+    """A flat solve (`ff(z, t, params)`; z0 (n,), or (lanes, n) when `lanes`; with
+    `settings.event`, cond(z, t, params)) whose derivatives are those `adjoint` asks for."""
+    result = _differentiable_solve(adjoint, ff, settings, z0, ts, params, tols, lanes)
+    if settings.event is None:
+        return result
+    cond = lambda z, t: settings.event.cond(z, t, params)
+    attach = lambda zs, t, happened: events.differentiable(cond, lambda z, t: ff(z, t, params),
+                                                           ts, zs, t, happened)
+    zs, event_time, _ = (jax.vmap(attach) if lanes else attach)(
+        result.zs, result.event_time, result.event_happened)
+    return result._replace(zs=zs, event_time=event_time)
+
+
+def _differentiable_solve(adjoint, ff, settings: Settings, z0, ts, params, tols, lanes: bool):
+    """The solve under `adjoint`; after an event, z at its time held fixed."""
     if isinstance(adjoint, Forward):
         run = lambda z0: _solve(ff, settings, z0, ts, params, (), tols)
         result = jax.vmap(run)(z0) if lanes else run(z0)
         return result._replace(zs=_forward_only_p.bind(result.zs))
-    # Values that ff closes over are hoisted, so that they receive gradients too.
-    converted, consts = jax.closure_convert(ff, z0[0] if lanes else z0, ts[0], params)
+    converted, event, consts = _closure_convert(ff, settings.event, z0[0] if lanes else z0,
+                                                ts[0], params)
+    settings = settings._replace(event=event)
     if isinstance(adjoint, Direct):
         settings = settings._replace(forward=settings.forward._replace(checkpointed=True))
         if lanes and isinstance(settings.forward.solver, ExplicitRK) and not settings.forward.dense:
             # One loop over a (lanes, n) state, f batched over the lanes: f's own vjp then
             # sums the shared parameters' cotangent over the lanes at every stage.
             result = _direct(_batched(converted), settings, z0, ts, params, tuple(consts), tols)
-            squeeze = lambda x: x[:, 0]
-            return result._replace(stats=jax.tree_util.tree_map(squeeze, result.stats),
-                                   status=squeeze(result.status), dt_next=squeeze(result.dt_next))
+            squeeze = lambda x: None if x is None else x[:, 0]
+            return result._replace(
+                stats=jax.tree_util.tree_map(squeeze, result.stats), status=squeeze(result.status),
+                dt_next=squeeze(result.dt_next), event_time=squeeze(result.event_time),
+                event_happened=squeeze(result.event_happened))
         run = lambda z0: _direct(converted, settings, z0, ts, params, tuple(consts), tols)
         return jax.vmap(run)(z0) if lanes else run(z0)
     backsolve = _backsolve_lanes if lanes else _backsolve
     result = backsolve(converted, settings, z0, ts, params, tuple(consts), tols)
     # The dense history is not differentiated by the adjoint method.
     return result._replace(history=lax.stop_gradient(result.history))
+
+
+def _closure_convert(ff, event, z, t, params):
+    """ff and the event's cond with the values they close over hoisted into consts (so
+    that those receive gradients too): (ff, event, consts)."""
+    if event is None:
+        converted, consts = jax.closure_convert(ff, z, t, params)
+        return converted, None, consts
+    pair = lambda z, t, params: (ff(z, t, params), event.cond(z, t, params))
+    converted, consts = jax.closure_convert(pair, z, t, params)
+    cond = lambda *args: converted(*args)[1]
+    return (lambda *args: converted(*args)[0]), events.Event(cond, event.direction), consts
 
 
 def _batched(ff):

@@ -17,6 +17,7 @@ from typing_extensions import TypedDict, Unpack
 
 from . import adjoint as adjoint_lib
 from . import loop
+from .events import Event, check_cond
 from .control import AbstractController, ConstantStep, PIController
 from .solvers import AbstractSolver, resolve_solver
 
@@ -34,7 +35,9 @@ class Solution(eqx.Module):
     `zs` has z0's structure with a leading axis of len(ts); `stats` holds the JAX
     integers nfe, num_steps, num_accepted, num_rejected; `status` is 0 on success
     (see `jaxode.STATUS_MESSAGES`); `evaluate(t)` gives the state at any t in the span
-    (with `dense=True`).
+    (with `dense=True`). With an `event`: `event_happened` (bool), `event_time` (the
+    event's t, ts[-1] if none) and `event_state` (z there, z0's structure); under
+    `batch_axis` one per sample. Without one they are None.
     """
 
     ts: jax.Array
@@ -45,9 +48,13 @@ class Solution(eqx.Module):
     solver: AbstractSolver = eqx.field(static=True)
     unravel: Callable = eqx.field(static=True)
     batch_axis: int | None = eqx.field(static=True, default=None)
+    event_happened: jax.Array | None = None
+    event_time: jax.Array | None = None
+    event_state: Any = None
 
     def evaluate(self, t):
-        """The state at time t (a scalar) by dense output; NaN outside [ts[0], ts[-1]]."""
+        """The state at time t (a scalar) by dense output; NaN outside [ts[0], ts[-1]];
+        after an event, its state."""
         if self.history is None:
             raise ValueError("dense: Solution.evaluate needs jaxode.solve(..., dense=True)")
         real = self.history.dt.dtype
@@ -57,13 +64,21 @@ class Solution(eqx.Module):
         ts = self.ts.astype(real)
         direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(real)
 
-        def evaluate(history, num_steps):
+        def evaluate(history, num_steps, event_time, event_state):
             flat = loop.evaluate(self.solver, history, num_steps, direction * t, direction * ts[-1])
+            if event_time is not None:
+                after = (direction * t > direction * event_time) & (direction * t <= direction * ts[-1])
+                flat = jnp.where(after, ravel_pytree(event_state)[0], flat)
             return self.unravel(flat)
 
         if self.batch_axis is None:
-            return evaluate(self.history, self.stats["num_steps"])
-        states = jax.vmap(evaluate)(self.history, self.stats["num_steps"])
+            return evaluate(self.history, self.stats["num_steps"], self.event_time, self.event_state)
+        event_state = self.event_state
+        if event_state is not None:
+            event_state = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, self.batch_axis, 0),
+                                                 event_state)
+        states = jax.vmap(evaluate)(self.history, self.stats["num_steps"], self.event_time,
+                                    event_state)
         return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, self.batch_axis), states)
 
 
@@ -81,6 +96,7 @@ class SolveOptions(TypedDict, total=False):
     dense: bool
     batch_axis: int | None
     progress: bool
+    event: Event | None
 
 
 def solve(
@@ -100,6 +116,7 @@ def solve(
     dense: bool = False,
     batch_axis: int | None = None,
     progress: bool = False,
+    event: Event | None = None,
     **removed,
 ) -> Solution:
     """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
@@ -133,10 +150,15 @@ def solve(
         progress: show the integration's progress in t and its step count on stderr (at
             most 101 updates a solve; under vmap one bar for the batch, following its
             slowest sample). Off, the compiled program is unchanged.
+        event: a terminal `jaxode.Event(cond, direction)`: the solve stops at the first
+            crossing of zero by cond(z(t), t, params), located on the dense output to
+            within atol + rtol |t|; every output time after it holds its state. Its time
+            and state are differentiable (implicit function theorem) with every adjoint.
 
     Returns:
         A `Solution`: `ts`, `zs` (z0's structure, each leaf with a leading axis of
-        len(ts)), `stats`, `status` and `evaluate(t)`.
+        len(ts)), `stats`, `status`, `evaluate(t)` and, with an event, `event_happened`,
+        `event_time` and `event_state`.
 
     Raises:
         ValueError: while tracing, for a bad argument (named in the message).
@@ -158,13 +180,18 @@ def solve(
     settings, tols = _setup(z0, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
                             max_steps=max_steps, adjoint=adjoint, controller=controller,
                             dense=dense, progress=progress)
-    return _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis)
+    if event is not None and not isinstance(event, Event):
+        raise TypeError(f"event: expected None or a jaxode.Event(cond, direction), got {event!r}")
+    return _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis, event)
 
 
 @eqx.filter_jit
-def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis) -> Solution:
+def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis, event) -> Solution:
     """The solve itself, compiled once per setting: an eager call hits the cache."""
     f_flat, z0_flat, ts, arrays, unravel = _flatten(f, z0, ts, params, batch_axis, tols)
+    if event is not None:
+        settings = settings._replace(event=_flat_event(event, z0, ts, params, batch_axis,
+                                                       unravel, tols))
     flat = adjoint_lib.solve(adjoint, f_flat, settings, z0_flat, ts.astype(tols.rtol.dtype),
                              arrays, tols, lanes=batch_axis is not None)
     # Integer outputs of a custom_vjp still carry (zero) tangents: cut them.
@@ -180,8 +207,13 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis) -> Sol
         move = lambda x: jnp.moveaxis(jnp.swapaxes(x, 0, 1), 1, batch_axis + 1)
         zs = jax.tree_util.tree_map(move, jax.vmap(jax.vmap(unravel))(zs_flat))
     stats = jax.lax.stop_gradient(flat.stats)
+    event_state = None
+    if event is not None:  # the last output is at or after the event: its state
+        event_state = jax.tree_util.tree_map(lambda x: x[-1], zs)
+    happened = None if flat.event_happened is None else jax.lax.stop_gradient(flat.event_happened)
     return Solution(ts=ts, zs=zs, stats=stats, status=status, history=flat.history,
-                    solver=settings.forward.solver, unravel=unravel, batch_axis=batch_axis)
+                    solver=settings.forward.solver, unravel=unravel, batch_axis=batch_axis,
+                    event_happened=happened, event_time=flat.event_time, event_state=event_state)
 
 
 def odeint(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"],
@@ -194,7 +226,7 @@ def odeint(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"]
         ts: 1-D output times, strictly increasing or strictly decreasing, length >= 2.
         params: any pytree, or None.
         **options: the keywords of `jaxode.solve` (solver, rtol, atol, dt0, max_steps,
-            adjoint, controller, throw, dense, batch_axis, progress).
+            adjoint, controller, throw, dense, batch_axis, progress, event).
 
     Returns:
         zs with z0's structure, each leaf with a leading axis of len(ts): `solve(...).zs`.
@@ -244,6 +276,8 @@ def adjoint_nfe(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " ti
         >>> int(nfe["backward"]) > 0
         True
     """
+    if options.pop("event", None) is not None:
+        raise ValueError("event: adjoint_nfe counts a solve without events")
     adjoint = adjoint_lib.resolve_adjoint(options.pop("adjoint", "backsolve"))
     if not isinstance(adjoint, adjoint_lib.Backsolve):
         raise ValueError(f"adjoint: adjoint_nfe counts the adjoint method's, got {adjoint!r}")
@@ -268,7 +302,7 @@ def _adjoint_nfe(f, z0, ts, params, cotangent, settings, tols, batch_axis):
         g = jnp.ones_like(zs)
     else:
         g = jax.vmap(lambda c: ravel_pytree(c)[0])(cotangent)[None]
-    residuals = (zs, ts, params, tuple(consts), tols)
+    residuals = adjoint_lib._residuals(forward, ts, params, tuple(consts), tols)
     default = adjoint_lib._LaneAccumulator if lanes else adjoint_lib._JointAccumulator
     accumulator = adjoint_lib.accumulator_for(settings, residuals, default)
     _, backward = adjoint_lib.backward(converted, settings, residuals, g, accumulator)
@@ -333,6 +367,19 @@ def _flatten(f, z0, ts, params, batch_axis, tols):
         return ravel(f(unravel(z_flat), t, eqx.combine(arrays, static)))
 
     return f_flat, z0_flat, ts, arrays, unravel
+
+
+def _flat_event(event: Event, z0, ts, params, batch_axis, unravel, tols) -> Event:
+    """The event with cond(z_flat, t, arrays), checked while tracing."""
+    sample = z0 if batch_axis is None else jax.tree_util.tree_map(
+        lambda x: jnp.take(x, 0, axis=batch_axis), z0)
+    check_cond(event, sample, ts.astype(tols.rtol.dtype)[0], params)
+    static = eqx.partition(params, eqx.is_array)[1]
+
+    def cond(z_flat, t, arrays):
+        return event.cond(unravel(z_flat), t, eqx.combine(arrays, static))
+
+    return Event(cond, event.direction)
 
 
 def _controller(controller, solver: AbstractSolver, dt0) -> AbstractController:

@@ -1,8 +1,8 @@
 """The solve: one `lax.while_loop` that only keeps books.
 
 Each pass makes one step attempt (the solver), accepts or rejects it (the controller),
-fills the output times it passed by dense output, and updates stats and status. The
-state is one flat vector. Integration backwards in time runs forwards in τ = -t on the
+fills the output times it passed by dense output, stops at a terminal event, and updates
+stats and status. The state is one flat vector. Integration backwards in time runs forwards in τ = -t on the
 negated vector field, so the loop only ever moves to larger times: `solve` is the one
 place where the direction is handled.
 """
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import events
 from .control import AbstractController, initial_step
 from .solvers import AbstractSolver
 
@@ -75,6 +76,8 @@ class Result(NamedTuple):
     status: jax.Array
     history: History | None
     dt_next: jax.Array  # the controller's proposal after the last step
+    event_time: jax.Array | None = None  # where the solve stopped (ts[-1] without an event)
+    event_happened: jax.Array | None = None
 
 
 class _Carry(NamedTuple):
@@ -91,15 +94,20 @@ class _Carry(NamedTuple):
     status: jax.Array
     history: History | None
     counts: dict  # the sums of the solver's per-attempt `Step.stats`
+    event_value: jax.Array | None  # cond at (t, z), with an event
+    event_happened: jax.Array | None
 
 
-def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
+def solve(f, z0, ts, static: Static, traced: Traced, event: events.Event | None = None) -> Result:
     """Solve dz/dt = f(t, z) on a flat z from ts[0] (increasing or decreasing) with an
-    output at every time in ts."""
+    output at every time in ts, stopping at the first crossing of `event.cond(t, z)`."""
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
     f_tau = lambda tau, z: direction * f(direction * tau, z)
     taus = direction * ts
-    init, step, unfinished, finish = pieces(f_tau, z0, taus, static, traced)
+    if event is not None:
+        cond = event.cond
+        event = events.Event(lambda tau, z: cond(direction * tau, z), event.direction)
+    init, step, unfinished, finish = pieces(f_tau, z0, taus, static, traced, event)
     if static.checkpointed:
         # A single trajectory (vmapped or not: equinox's loop masks batched lanes) is
         # active whenever the body runs; explicit lanes (lanes, n) mask themselves.
@@ -113,7 +121,10 @@ def solve(f, z0, ts, static: Static, traced: Traced) -> Result:
         # carry leaf, the output and history buffers included, at every step.
         body = lambda c: step(c, unfinished(c))[0]
         final = lax.while_loop(lambda c: eqxi.unvmap_any(unfinished(c)), body, init())
-    return finish(final)
+    result = finish(final)
+    if event is None:
+        return result
+    return result._replace(event_time=direction * result.event_time)
 
 
 class Loop:
@@ -125,9 +136,9 @@ class Loop:
     and status of shape (lanes, 1).
     """
 
-    def __init__(self, f, z0, taus, static: Static, traced: Traced):
+    def __init__(self, f, z0, taus, static: Static, traced: Traced, event=None):
         self.f, self.z0, self.taus, self.static, self.traced = f, z0, taus, static, traced
-        self.solver, self.controller = static.solver, static.controller
+        self.solver, self.controller, self.event = static.solver, static.controller, event
         self.lanes = z0.shape[:-1] + (1,) if z0.ndim > 1 else ()
 
     def init(self) -> _Carry:
@@ -152,11 +163,16 @@ class Loop:
         zero = jnp.zeros(lanes, jnp.int32)
         controller_state = jax.tree_util.tree_map(
             lambda x: jnp.broadcast_to(x, lanes).astype(taus.dtype), self.controller.init())
+        event_value = happened = None
+        if self.event is not None:
+            event_value = self._event_value(jnp.broadcast_to(t0, lanes), z0)
+            happened = jnp.zeros(lanes, bool)
         return _Carry(jnp.broadcast_to(t0, lanes), jnp.broadcast_to(t_end, lanes), z0,
                       solver_state, jnp.broadcast_to(dt, lanes), controller_state,
                       jnp.ones(lanes, jnp.int32), zs, zero, zero,
                       jnp.broadcast_to(status, lanes).astype(jnp.int32),
-                      self._empty_history(probe.dense), {key: zero for key in probe.stats})
+                      self._empty_history(probe.dense), {key: zero for key in probe.stats},
+                      event_value, happened)
 
     def _empty_history(self, dense):
         if not self.static.dense:
@@ -188,6 +204,12 @@ class Loop:
         dt_next = jnp.where(active, dt_next, c.dt)
         if controller_state is not None:
             controller_state = jnp.where(active, controller_state, c.controller_state)
+        t_end, event_value, happened = c.t_end, c.event_value, c.event_happened
+        if self.event is not None:
+            # A crossing ends the step, and the solve, at the located time.
+            t_new, attempt, value, hit = self._stop_at_event(c, dt, t_new, attempt, accept)
+            event_value = jnp.where(accept, value, event_value)
+            t_end, happened = jnp.where(hit, t_new, t_end), happened | hit
         zs, next_output, history = self._record(c, dt, t_new, attempt, accept, active)
         t = jnp.where(accept, t_new, c.t)
         if static.progress:
@@ -195,13 +217,59 @@ class Loop:
         num_steps = c.num_steps + jnp.asarray(active, jnp.int32)
         keep = lambda new, old: jnp.where(accept, new, old)
         return _Carry(
-            t, c.t_end, keep(attempt.z, c.z),
+            t, t_end, keep(attempt.z, c.z),
             jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
             dt_next, controller_state, next_output, zs, num_steps,
             c.num_accepted + accept.astype(jnp.int32),
             self._status(c, t, dt_next, num_steps, attempt.z, active), history,
             {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
+            event_value, happened,
         ), (dt, accept)
+
+    def _event_value(self, t, z):
+        """cond at (t, z) per lane, held constant under differentiation."""
+        t, z = lax.stop_gradient((t, z))
+        if z.ndim > 1:
+            return jax.vmap(self._event_value)(t, z)
+        return self.event.cond(t.reshape(()), z).astype(self.taus.dtype).reshape(t.shape)
+
+    def _stop_at_event(self, c, dt, t_new, attempt, accept):
+        """(t_new, attempt, cond's value at t_new, crossed): the step's end moved back to
+        the event where cond crossed zero inside it (after which the solve is over).
+        Locating it only uses values held constant under differentiation; z there is the
+        dense output at that fixed θ."""
+        after = self._event_value(t_new, attempt.z)
+        hit = accept & events.crosses(c.event_value, after, self.event.direction)
+
+        def root(t, z, dt, dense, before, after, t_new):
+            def value_at(theta):
+                return self._event_value(t + theta * dt, self.solver.interpolate(z, dt, dense, theta))
+
+            scale = self.traced.atol + self.traced.rtol * jnp.abs(t_new)
+            eps = jnp.finfo(self.taus.dtype).eps
+            tolerance = jnp.maximum(0.01 * scale / jnp.where(dt == 0, 1, jnp.abs(dt)), 8 * eps)
+            return events.locate(value_at, before, after, tolerance)
+
+        lanes = c.z.ndim > 1
+        # Explicit lanes (lanes, n) have times (lanes, 1): each lane's own scalars.
+        per_lane = (lambda fn: lambda *a: jax.vmap(fn)(*a)[:, None]) if lanes else (lambda fn: fn)
+        scalar = (lambda x: x[:, 0]) if lanes else (lambda x: x)
+
+        def find():
+            # Lanes without a crossing start (and end) at a root: θ = 1.
+            args = lax.stop_gradient((scalar(c.t), c.z, scalar(dt), attempt.dense,
+                                      scalar(c.event_value), scalar(jnp.where(hit, after, 0)),
+                                      scalar(t_new)))
+            return per_lane(root)(*args)
+
+        theta = lax.cond(eqxi.unvmap_any(jnp.any(hit)), find, lambda: jnp.ones_like(after))
+        theta = jnp.where(hit, theta, 1)
+        interpolate = jax.vmap(self.solver.interpolate) if lanes else self.solver.interpolate
+        z_hit = interpolate(c.z, scalar(dt), attempt.dense, scalar(theta))
+        z_hit = jnp.where(theta == 1, attempt.z, z_hit)
+        t_hit = jnp.where(theta == 1, t_new, c.t + theta * dt)
+        keep = lambda new, old: jnp.where(hit, new, old)
+        return keep(t_hit, t_new), attempt._replace(z=keep(z_hit, attempt.z)), after, hit
 
     def _record(self, c, dt, t_new, attempt, accept, active):
         """The outputs the step passed, and its row of the dense history."""
@@ -236,6 +304,9 @@ class Loop:
             zs = jnp.stack([self.z0, jnp.where(c.t == c.t_end, c.z, jnp.nan)], axis=-2)
         else:
             zs = c.zs
+            if c.event_happened is not None:  # outputs after the event hold its state
+                after = c.event_happened[..., None] & (self.taus > c.t)[..., None]
+                zs = jnp.where(after, c.z[..., None, :], zs)
         initial_nfe = 1 + self.solver.init_nfe + (1 if self.static.automatic_dt0 else 0)
         stats = {"nfe": self.solver.step_nfe * c.num_steps, "num_jacobians": 0,
                  "num_linear_solves": 0, **c.counts}
@@ -244,12 +315,15 @@ class Loop:
                      num_rejected=c.num_steps - c.num_accepted)
         zero = jnp.zeros_like(c.num_steps)
         stats = {k: jnp.asarray(v, jnp.int32) + zero for k, v in stats.items()}
-        return Result(zs, stats, c.status, c.history, c.dt)
+        event_time = happened = None
+        if c.event_happened is not None:
+            event_time, happened = c.t, c.event_happened
+        return Result(zs, stats, c.status, c.history, c.dt, event_time, happened)
 
 
-def pieces(f, z0, taus, static: Static, traced: Traced):
+def pieces(f, z0, taus, static: Static, traced: Traced, event=None):
     """(init, step, unfinished, finish) of a `Loop`."""
-    loop = Loop(f, z0, taus, static, traced)
+    loop = Loop(f, z0, taus, static, traced, event)
     return loop.init, loop.step, loop.unfinished, loop.finish
 
 
