@@ -21,6 +21,14 @@ jax.config.update("jax_enable_x64", True)
 HANG_SECONDS = 300
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _clear_compiled_programs():
+    """Each compiled XLA program holds memory maps; a process that keeps hundreds of them
+    can pass Linux's limit (65,530) and crash inside XLA. Each module starts afresh."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _hang_guard():
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True, file=sys.stderr)
