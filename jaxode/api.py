@@ -17,8 +17,8 @@ from typing_extensions import TypedDict, Unpack
 
 from . import adjoint as adjoint_lib
 from . import loop
-from .events import Event, check_cond
 from .control import AbstractController, ConstantStep, PIController
+from .events import Event, check_cond
 from .solvers import AbstractSolver, resolve_solver
 
 # f(z, t, params) -> dz/dt, z any pytree of arrays and dz/dt of its structure.
@@ -65,20 +65,21 @@ class Solution(eqx.Module):
         direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(real)
 
         def evaluate(history, num_steps, event_time, event_state):
-            flat = loop.evaluate(self.solver, history, num_steps, direction * t, direction * ts[-1])
+            tau, tau_end = direction * t, direction * ts[-1]
+            flat = loop.evaluate(self.solver, history, num_steps, tau, tau_end)
             if event_time is not None:
-                after = (direction * t > direction * event_time) & (direction * t <= direction * ts[-1])
+                after = (tau > direction * event_time) & (tau <= tau_end)
                 flat = jnp.where(after, ravel_pytree(event_state)[0], flat)
             return self.unravel(flat)
 
+        num_steps = self.stats["num_steps"]
         if self.batch_axis is None:
-            return evaluate(self.history, self.stats["num_steps"], self.event_time, self.event_state)
+            return evaluate(self.history, num_steps, self.event_time, self.event_state)
         event_state = self.event_state
         if event_state is not None:
             event_state = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, self.batch_axis, 0),
                                                  event_state)
-        states = jax.vmap(evaluate)(self.history, self.stats["num_steps"], self.event_time,
-                                    event_state)
+        states = jax.vmap(evaluate)(self.history, num_steps, self.event_time, event_state)
         return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, self.batch_axis), states)
 
 

@@ -2,9 +2,9 @@
 
 Each pass makes one step attempt (the solver), accepts or rejects it (the controller),
 fills the output times it passed by dense output, stops at a terminal event, and updates
-stats and status. The state is one flat vector. Integration backwards in time runs forwards in τ = -t on the
-negated vector field, so the loop only ever moves to larger times: `solve` is the one
-place where the direction is handled.
+stats and status. The state is one flat vector. Integration backwards in time runs
+forwards in τ = -t on the negated vector field, so the loop only ever moves to larger
+times: `solve` is the one place where the direction is handled.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ class Loop:
 
         def root(t, z, dt, dense, before, after, t_new):
             def value_at(theta):
-                return self._event_value(t + theta * dt, self.solver.interpolate(z, dt, dense, theta))
+                z_theta = self.solver.interpolate(z, dt, dense, theta)
+                return self._event_value(t + theta * dt, z_theta)
 
             scale = self.traced.atol + self.traced.rtol * jnp.abs(t_new)
             eps = jnp.finfo(self.taus.dtype).eps

@@ -8,6 +8,7 @@ argument; run-time failures raise under jit, or come back in `Solution.status` w
 
 import functools
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,32 @@ def test_pytree_states():
     for name, (x, v) in pieces.items():
         np.testing.assert_allclose(x, x_exact, rtol=0, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(v, v_exact, rtol=0, atol=1e-7, err_msg=name)
+
+
+class TestCoreWithAndWithoutJit(chex.TestCase):
+    """The core cases, run eagerly and under jit (chex.variants): the same answers."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pytree_state(self):
+        z0 = _oscillator_pieces(jnp.asarray(X0), jnp.asarray(V0))
+        zs = self.variant(lambda z: jaxode.odeint(pytree_field, z, TS, **TOL))(z0)
+        chex.assert_trees_all_equal_structs(zs, z0)
+        x_exact, v_exact = oscillator_exact(X0, V0, TS)
+        expected = jax.vmap(_oscillator_pieces)(jnp.asarray(x_exact), jnp.asarray(v_exact))
+        chex.assert_trees_all_close(zs, expected, atol=1e-7)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gradients_of_every_reverse_adjoint_agree(self):
+        def loss(z0, k, adjoint):
+            zs = jaxode.odeint(lambda z, t, k: -k * z**3, z0, TS, k, adjoint=adjoint, **TOL)
+            return jnp.sum(zs**2)
+
+        z0, k = jnp.array([1.0, 0.5]), jnp.asarray(0.7)
+        grads = {name: self.variant(jax.grad(functools.partial(loss, adjoint=name), (0, 1)))(z0, k)
+                 for name in ("backsolve", "direct")}
+        chex.assert_trees_all_close(grads["backsolve"], grads["direct"], rtol=1e-6)
+        forward = self.variant(jax.jacfwd(functools.partial(loss, adjoint="forward"), (0, 1)))
+        chex.assert_trees_all_close(forward(z0, k), grads["direct"], rtol=1e-6)
 
 
 def test_mixed_dtype_leaves_keep_their_dtypes():

@@ -89,7 +89,8 @@ class TestBatches:
     def test_vmap_one_event_time_per_trajectory(self):
         times = jax.vmap(lambda h: impact_time(h, G))(self.heights)
         chex.assert_trees_all_close(times, impact(self.heights, G), atol=1e-9)
-        grads = jax.grad(lambda hs: jnp.sum(jax.vmap(lambda h: impact_time(h, G))(hs)))(self.heights)
+        total = lambda hs: jnp.sum(jax.vmap(lambda h: impact_time(h, G))(hs))
+        grads = jax.grad(total)(self.heights)
         chex.assert_trees_all_close(grads, jax.grad(lambda hs: impact(hs, G).sum())(self.heights),
                                     rtol=1e-7)
 
