@@ -37,6 +37,11 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "stiff", "StiffRobertson",
         "a neural vector field learns Robertson's stiff kinetics with rodas5p / kvaerno5",
     ),
+    "bouncing_ball": (
+        "bouncing_ball", "BouncingBall",
+        "a bouncing ball's restitution and gravity (and a neural floor event) learned "
+        "through event times",
+    ),
 }
 
 
