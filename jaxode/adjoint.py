@@ -26,15 +26,14 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from jax.interpreters import ad, batching, mlir
 
 from . import events, loop
 from .control import ConstantStep, PIController, initial_step
+from .guards import first_order_only, forward_only_p
 from .solvers import AbstractSolver, ExplicitRK, resolve_solver
 from .solvers.implicit import AbstractStiffSolver
 
@@ -516,40 +515,12 @@ def _direct_fwd(ff, settings, *args):
 
 
 def _direct_bwd(ff, settings, pullback, cotangents):
-    return _first_order_only(pullback)(cotangents)
+    return first_order_only(_DIRECT_ONCE, pullback)(cotangents)
 
 
 _direct.defvjp(_direct_fwd, _direct_bwd)
-
-
-@jax.custom_jvp
-def _first_order_only(x):
-    return x
-
-
-@_first_order_only.defjvp
-def _first_order_only_jvp(primals, tangents):
-    raise TypeError(
-        "adjoint: Direct() differentiates once in reverse mode; for gradients of gradients "
-        "use adjoint='backsolve', for forward mode adjoint='forward'"
-    )
-
-
-# The identity, whose transpose refuses reverse mode through a Forward() solve.
-_forward_only_p = jax.extend.core.Primitive("jaxode_forward_only")
-_forward_only_p.def_impl(lambda x: x)
-_forward_only_p.def_abstract_eval(lambda x: x)
-mlir.register_lowering(_forward_only_p, mlir.lower_fun(lambda x: x, multiple_results=False))
-ad.defjvp(_forward_only_p, lambda tangent, x: _forward_only_p.bind(tangent))
-batching.primitive_batchers[_forward_only_p] = lambda xs, dims: (_forward_only_p.bind(*xs), dims[0])
-
-
-def _refuse_reverse(cotangent, x):
-    raise TypeError("adjoint: Forward() is forward mode only (jax.jvp, jax.jacfwd); for "
-                    "jax.grad use adjoint='backsolve' or 'direct'")
-
-
-ad.primitive_transposes[_forward_only_p] = _refuse_reverse
+_DIRECT_ONCE = ("adjoint: Direct() differentiates once in reverse mode; for gradients of "
+                "gradients use adjoint='backsolve', for forward mode adjoint='forward'")
 
 
 def solve(adjoint: AbstractAdjoint, ff, settings: Settings, z0, ts, params, tols, lanes: bool):
@@ -571,7 +542,7 @@ def _differentiable_solve(adjoint, ff, settings: Settings, z0, ts, params, tols,
     if isinstance(adjoint, Forward):
         run = lambda z0: _solve(ff, settings, z0, ts, params, (), tols)
         result = jax.vmap(run)(z0) if lanes else run(z0)
-        return result._replace(zs=_forward_only_p.bind(result.zs))
+        return result._replace(zs=forward_only_p.bind(result.zs))
     converted, event, consts = _closure_convert(ff, settings.event, z0[0] if lanes else z0,
                                                 ts[0], params)
     settings = settings._replace(event=event)

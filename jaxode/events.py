@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .guards import first_order_only
+
 MAX_ROOT_ITERATIONS = 60  # Illinois converges superlinearly: a handful are the rule
 
 
@@ -39,7 +41,9 @@ class Event(eqx.Module):
 
     The crossing is looked for by comparing the signs of `cond` at the two ends of each
     accepted step: a pair of crossings inside one step, or a tangent touch of zero, is
-    not seen (a smaller `rtol`/`atol` takes smaller steps).
+    not seen (a smaller `rtol`/`atol` takes smaller steps). Event time and state are
+    differentiated once (`jax.grad`, `jax.jvp`, every adjoint); a second derivative
+    through an event raises a TypeError.
 
     Example:
         >>> import jax.numpy as jnp, jaxode
@@ -130,12 +134,12 @@ def differentiable(cond, field, ts, zs, t_out, happened):
     after = direction * ts >= direction * t_out
     t_fixed = lax.stop_gradient(t_out)
     z_row = zs[jnp.argmax(after)]
-    slope_z = lax.stop_gradient(field(z_row, t_fixed))
+    # The differences below are zero in value: only their first derivatives count.
+    slope_z = field(z_row, t_fixed)
     z_fixed = z_row - slope_z * (t_out - t_fixed)
     # dc/dt along the trajectory at the event: ∂c/∂z f + ∂c/∂t.
-    _, slope_c = jax.jvp(cond, (lax.stop_gradient(z_fixed), t_fixed),
-                         (slope_z, jnp.ones_like(t_fixed)))
-    t_event = _implicit_time(t_fixed, cond(z_fixed, t_fixed), lax.stop_gradient(slope_c))
+    _, slope_c = jax.jvp(cond, (z_fixed, t_fixed), (slope_z, jnp.ones_like(t_fixed)))
+    t_event = _implicit_time(t_fixed, cond(z_fixed, t_fixed), slope_c)
     z_event = z_fixed + slope_z * (t_event - t_fixed)
     zs = jnp.where(happened & after[:, None], z_event, zs)
     return zs, jnp.where(happened, t_event, ts[-1]), jnp.where(happened, z_event, zs[-1])
@@ -143,11 +147,17 @@ def differentiable(cond, field, ts, zs, t_out, happened):
 
 @jax.custom_jvp
 def _implicit_time(t, value, slope):
-    """t, whose tangent is -(the tangent of cond's value) / (dc/dt along the solution)."""
+    """t, whose tangent is -(the tangent of cond's value) / (dc/dt along the solution).
+    First order only: the slope's own derivative is left out, so a second derivative
+    (through the slope) is refused rather than wrong."""
     return t
 
 
 @_implicit_time.defjvp
 def _implicit_time_jvp(primals, tangents):
     t, _, slope = primals
-    return t, (-tangents[1] / slope).astype(t.dtype)
+    return t, (-tangents[1] / first_order_only(_ONCE, slope)).astype(t.dtype)
+
+
+_ONCE = ("event: event times and states are differentiated once (jax.grad, jax.jvp); "
+         "gradients of gradients and forward-over-forward through an event are not supported")

@@ -238,6 +238,12 @@ class TestBadInput:
         with pytest.raises((TypeError, ValueError), match=f"cond: .*{problem}"):
             jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G, event=jaxode.Event(cond))
 
+    def test_second_derivatives_are_refused_not_wrong(self):
+        with pytest.raises(TypeError, match="event: .*once"):
+            jax.grad(jax.grad(impact_time))(1.0, G)
+        with pytest.raises(TypeError, match="event: .*once"):
+            jax.jacfwd(jax.jacfwd(impact_time))(1.0, G, "forward")
+
     def test_adjoint_nfe_refuses_an_event(self):
         with pytest.raises(ValueError, match="event"):
             jaxode.adjoint_nfe(fall, jnp.array([1.0, 0.0]), TS, G, event=FLOOR)
