@@ -1,6 +1,7 @@
 """kind: bouncing_ball — the chain of event solves against the closed form (values and
-gradients), the quick config learning e and g (stopped and resumed on the way), and
-its config errors naming the key."""
+gradients), the quick config's training moving e and g to the truth (its whole run,
+stopped and resumed on the way, with the neural event: marked slow), and its config
+errors naming the key."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 
 from experiments.bouncing_ball import Ball, closed_form, flights, raw
 from experiments.config import ConfigError
+from experiments.parallel import DataParallel
 from experiments.registry import load_config
-from experiments.runner import run
+from experiments.runner import Context, make_optimizer, make_train_step, params_of, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "bouncing_ball_quick.yaml")
@@ -36,7 +38,8 @@ def test_chained_solves_match_the_closed_form():
     assert np.max(np.abs(out["bounce_states"][:, 0])) < 1e-9  # on the floor
 
 
-@pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+@pytest.mark.parametrize("adjoint", ["backsolve", pytest.param("direct",
+                                                               marks=pytest.mark.slow)])
 def test_gradient_through_the_events_matches_the_closed_form(adjoint):
     """d/d(e_logit, log_g) of a weighted sum of bounce times and apexes, against central
     differences of the closed form."""
@@ -56,6 +59,27 @@ def test_gradient_through_the_events_matches_the_closed_form(adjoint):
     np.testing.assert_allclose(jax.jit(jax.grad(loss))(jnp.asarray(x)), fd, rtol=1e-6)
 
 
+def test_quick_config_training_moves_e_and_g_to_the_truth(tmp_path):
+    """The quick config's data, solver and optimizer through the runner's own train step,
+    without its evaluations and report (so fast): the parametric ball from e = 0.5,
+    g = 5 to within 0.5% of the truth (the noisy data's least-squares fit: 0.8003,
+    9.815)."""
+    cls, cfg = load_config(QUICK, ["model.neural_event=false"])
+    ctx = Context(cfg, str(tmp_path), QUICK, DataParallel(), np.dtype("float64"))
+    experiment = cls(cfg, ctx)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    train_step = make_train_step(experiment, tx, ctx.parallel)
+    models = experiment.init_models(jax.random.PRNGKey(0))
+    states = {name: tx.init(params_of(m)) for name, m in models.items()}
+    for step in range(cfg.train.steps):
+        batch = ctx.parallel.shard_batch(experiment.batch(step))
+        models, states, loss, _ = train_step(models, states, batch, jax.random.PRNGKey(step))
+    ball = models["ball"]
+    assert abs(float(ball.e) - 0.8) < 0.004 and abs(float(ball.g) - 9.81) < 0.05
+    assert float(loss) < 1e-4
+
+
+@pytest.mark.slow
 def test_quick_config_learns_e_and_g_and_resumes(tmp_path):
     cls, cfg = load_config(QUICK, ["train.stop_after=150"])
     stopped = run(cls, cfg, config_file=QUICK, out_dir=str(tmp_path), progress=False)
@@ -84,6 +108,7 @@ def test_quick_config_learns_e_and_g_and_resumes(tmp_path):
     ("data.bounces=0", "data.bounces"),
     ("model.floor_weight=-1", "model.floor_weight"),
     ("data.horizon=0.5", "data.horizon"),
+    ("solver.adjoint=direct", "solver.adjoint"),  # with the neural event: jaxode can't yet
 ])
 def test_bad_config_values_are_refused_by_name(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'") as error:
