@@ -136,8 +136,10 @@ class Tolerances(NamedTuple):
 def _solve(ff, settings: Settings, z0, ts, params, consts, tols: Tolerances):
     event = settings.event
     if event is not None:
-        cond = event.cond
-        event = events.Event(lambda t, z: cond(z, t, params, *consts), event.direction)
+        # The loop only looks for the event; its gradient comes from `events.differentiable`.
+        cond, (frozen_params, frozen_consts) = event.cond, lax.stop_gradient((params, consts))
+        event = events.Event(lambda t, z: cond(z, t, frozen_params, *frozen_consts),
+                             event.direction)
     return loop.solve(lambda t, z: ff(z, t, params, *consts), z0, ts, settings.forward,
                       tols.forward(), event)
 

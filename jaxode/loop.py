@@ -227,7 +227,8 @@ class Loop:
         ), (dt, accept)
 
     def _event_value(self, t, z):
-        """cond at (t, z) per lane, held constant under differentiation."""
+        """cond at (t, z) per lane, held constant under differentiation (as the caller
+        holds cond's parameters)."""
         t, z = lax.stop_gradient((t, z))
         if z.ndim > 1:
             return jax.vmap(self._event_value)(t, z)

@@ -201,6 +201,18 @@ class TestSemantics:
         expected = -(-t * np.exp(-k * t)) / (-k * np.exp(-k * t) + 0.25)
         assert abs(float(jax.grad(hit)(1.0)) - expected) < 1e-6
 
+    @pytest.mark.parametrize("adjoint", ["backsolve", "direct", "forward"])
+    def test_cond_with_parameters(self, adjoint):
+        # A floor at height p["floor"]: the impact sqrt(2 (1 - floor) / g) after the drop.
+        field = lambda z, t, p: jnp.array([z[1], -p["g"]])
+        event = jaxode.Event(lambda z, t, p: z[0] - p["floor"], direction=-1)
+        hit = lambda p: jaxode.solve(field, jnp.array([1.0, 0.0]), TS, p, event=event,
+                                     adjoint=adjoint).event_time
+        p = {"g": G, "floor": 0.1}
+        derivative = jax.jacfwd if adjoint == "forward" else jax.grad
+        exact = jax.grad(lambda p: jnp.sqrt(2 * (1 - p["floor"]) / p["g"]))(p)
+        chex.assert_trees_all_close(derivative(hit)(p), exact, rtol=1e-7)
+
     def test_dense_output_holds_the_event_state_after_it(self):
         sol = jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G, event=FLOOR, dense=True)
         assert abs(float(sol.evaluate(0.3)[0]) - (1 - G * 0.09 / 2)) < 1e-9
