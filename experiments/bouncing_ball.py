@@ -276,9 +276,8 @@ class BouncingBall(Experiment):
                 for k, v in self.measure(ball).items()}
 
     def _least_squares(self):
-        """(e, g) minimising the same loss on the closed form: what the noisy data allow."""
-        from scipy.optimize import least_squares
-
+        """(e, g) minimising the same loss on the closed form, from the same start: what
+        the noisy data allow (Levenberg-Marquardt; scipy is not a runner dependency)."""
         d, m = self.cfg.data, self.cfg.model
         w = np.sqrt(m.height_weight)
 
@@ -288,8 +287,18 @@ class BouncingBall(Experiment):
             return np.concatenate([(times - self.times) / self.times[0],
                                    w * (apexes - self.apexes) / d.h0])
 
-        x = least_squares(residuals, np.array(raw(m.e_init, m.g_init, np.float64)),
-                          xtol=1e-14, ftol=1e-14).x
+        x, damping = np.array(raw(m.e_init, m.g_init, np.float64)), 1e-3
+        for _ in range(200):
+            r = residuals(x)
+            jac = np.stack([(residuals(x + h) - residuals(x - h)) / 2e-7
+                            for h in 1e-7 * np.eye(2)], axis=1)
+            step = np.linalg.solve(jac.T @ jac + damping * np.eye(2), -jac.T @ r)
+            if np.sum(residuals(x + step) ** 2) < np.sum(r**2):
+                x, damping = x + step, damping / 3
+            else:
+                damping *= 4
+            if np.max(np.abs(step)) < 1e-13:
+                break
         return float(1 / (1 + np.exp(-x[0]))), float(np.exp(x[1]))
 
     def report(self, models, log):
