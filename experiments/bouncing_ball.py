@@ -115,11 +115,6 @@ class Config(RunConfig):
         if self.data.horizon <= 2 * fall:
             errors["data.horizon"] = (f"must exceed twice the longest fall, 2 sqrt(2 h0 / g) = "
                                       f"{2 * fall:.3g} s; got {self.data.horizon}")
-        if self.model.neural_event and self.solver.adjoint == "direct":
-            # jaxode's Direct adjoint cannot yet differentiate an event whose cond has
-            # parameters (a reverse-mode while loop in the root finding): refused here.
-            errors["solver.adjoint"] = ("'direct' cannot differentiate the learned event "
-                                        "function (model.neural_event); use 'backsolve'")
         return errors
 
 

@@ -108,7 +108,7 @@ def test_quick_config_learns_e_and_g_and_resumes(tmp_path):
     ("data.bounces=0", "data.bounces"),
     ("model.floor_weight=-1", "model.floor_weight"),
     ("data.horizon=0.5", "data.horizon"),
-    ("solver.adjoint=direct", "solver.adjoint"),  # with the neural event: jaxode can't yet
+    ("solver.adjoint=forward", "solver.adjoint"),
 ])
 def test_bad_config_values_are_refused_by_name(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'") as error:
