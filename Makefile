@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.odenet_step
 	$(BIN)/python -m benchmarks.stiff
 	$(BIN)/python -m benchmarks.multistep
+	$(BIN)/python -m benchmarks.events
 
 clean:
 	rm -rf $(VENV) runs site dist .pytest_cache .ruff_cache

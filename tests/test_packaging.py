@@ -31,7 +31,8 @@ DISTRIBUTIONS = {
     "jax": "jax", "jaxlib": "jaxlib", "equinox": "equinox", "numpy": "numpy",
     "optax": "optax", "yaml": "pyyaml", "matplotlib": "matplotlib", "rich": "rich",
     "sklearn": "scikit-learn", "scipy": "scipy", "pytest": "pytest", "chex": "chex",
-    "diffrax": "diffrax", "torch": "torch", "torchdiffeq": "torchdiffeq",
+    "diffrax": "diffrax", "optimistix": "optimistix", "torch": "torch",
+    "torchdiffeq": "torchdiffeq",
     "typing_extensions": "typing-extensions", "jaxtyping": "jaxtyping",
 }
 # Tiny settings for ode_demo_quick: a run of a few seconds.
