@@ -107,6 +107,7 @@ class Settings(NamedTuple):
     backward_solver: AbstractSolver
     seminorm: bool
     event: events.Event | None = None  # its cond as cond(z, t, params, *consts), flat z
+    throw: bool = True  # a gradient of a failed solve raises (else: see Solution.status)
 
 
 class Residuals(NamedTuple):
@@ -115,6 +116,7 @@ class Residuals(NamedTuple):
     zs: jax.Array  # (lanes, len(ts), n)
     ts: jax.Array  # (lanes, len(ts)): ts, with the times after a lane's event moved onto it
     live: jax.Array  # (lanes, len(ts)): the times that are still the caller's
+    status: jax.Array  # (lanes,): the forward solve's
     params: object
     consts: tuple
     tols: object
@@ -150,12 +152,13 @@ def _residuals(result, ts, params, consts, tols) -> Residuals:
     the intervals between them have zero length."""
     zs = result.zs if result.zs.ndim == 3 else result.zs[None]
     times = jnp.broadcast_to(ts, zs.shape[:2])
+    status = jnp.reshape(result.status, (-1,))
     if result.event_time is None:
-        return Residuals(zs, times, jnp.ones(times.shape, bool), params, consts, tols)
+        return Residuals(zs, times, jnp.ones(times.shape, bool), status, params, consts, tols)
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
     t_event = jnp.reshape(result.event_time, (-1, 1))
     live = ~jnp.reshape(result.event_happened, (-1, 1)) | (direction * times < direction * t_event)
-    return Residuals(zs, jnp.where(live, times, t_event), live, params, consts, tols)
+    return Residuals(zs, jnp.where(live, times, t_event), live, status, params, consts, tols)
 
 
 # ------------------------------------------------------------------ joint backsolve
@@ -208,7 +211,7 @@ _backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
 def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
     """The adjoint solves, for lanes zs (lanes, len(ts), n) (one lane: a joint solve).
     Returns the cotangents of (z0s, ts, params, consts) and each lane's backward NFE."""
-    zs, ts, live, params, consts, tols = residuals
+    zs, ts, live, forward_status, params, consts, tols = residuals
     num_lanes, num_outputs, n = zs.shape
     real = ts.dtype
     g = g.astype(zs.dtype)
@@ -221,11 +224,10 @@ def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
     ts_bar = ts_bar.at[:, 0].set(-jnp.real(jnp.sum(a * f_out[:, 0], axis=1)))
     # A time after the event is not where its output was taken: no gradient.
     ts_bar = jnp.sum(jnp.where(live, ts_bar, 0), axis=0)
+    if settings.throw:  # a gradient that uses no output of the solve still learns of it
+        status = jnp.where(forward_status != loop.SUCCESS, forward_status, status)
     # On every cotangent: an unused one (and its check) may be dropped as dead code.
-    z0_bar, ts_bar, a_theta = eqx.branched_error_if(
-        (a + g[:, 0], ts_bar, a_theta), jnp.any(status != loop.SUCCESS), jnp.max(status),
-        loop.STATUS_MESSAGES,
-    )
+    z0_bar, ts_bar, a_theta = _raise_if_failed((a + g[:, 0], ts_bar, a_theta), status)
     params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
     return (z0_bar, ts_bar.astype(real), params_bar, consts_bar), nfe
 
@@ -513,11 +515,18 @@ def _direct(ff, settings, z0, ts, params, consts, tols):
 
 
 def _direct_fwd(ff, settings, *args):
-    return jax.vjp(lambda *a: _solve(ff, settings, *a), *args)
+    result, pullback = jax.vjp(lambda *a: _solve(ff, settings, *a), *args)
+    return result, (pullback, result.status)
 
 
-def _direct_bwd(ff, settings, pullback, cotangents):
-    return first_order_only(_DIRECT_ONCE, pullback)(cotangents)
+def _direct_bwd(ff, settings, residuals, cotangents):
+    pullback, status = residuals
+    bars = first_order_only(_DIRECT_ONCE, pullback)(cotangents)
+    if not settings.throw:
+        return bars
+    # A gradient that uses no output of the failed solve still learns of it.
+    differentiable, rest = eqx.partition(bars, eqx.is_inexact_array)
+    return eqx.combine(_raise_if_failed(differentiable, status), rest)
 
 
 _direct.defvjp(_direct_fwd, _direct_bwd)
@@ -577,6 +586,11 @@ def _closure_convert(ff, event, z, t, params):
     converted, consts = jax.closure_convert(pair, z, t, params)
     cond = lambda *args: converted(*args)[1]
     return (lambda *args: converted(*args)[0]), events.Event(cond, event.direction), consts
+
+
+def _raise_if_failed(tree, status):
+    return eqx.branched_error_if(tree, jnp.any(status != loop.SUCCESS), jnp.max(status),
+                                 loop.STATUS_MESSAGES)
 
 
 def _batched(ff):

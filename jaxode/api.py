@@ -180,14 +180,14 @@ def solve(
     adjoint = adjoint_lib.resolve_adjoint(adjoint)
     settings, tols = _setup(z0, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
                             max_steps=max_steps, adjoint=adjoint, controller=controller,
-                            dense=dense, progress=progress)
+                            dense=dense, progress=progress, throw=throw)
     if event is not None and not isinstance(event, Event):
         raise TypeError(f"event: expected None or a jaxode.Event(cond, direction), got {event!r}")
-    return _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis, event)
+    return _solve(f, z0, ts, params, adjoint, settings, tols, batch_axis, event)
 
 
 @eqx.filter_jit
-def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis, event) -> Solution:
+def _solve(f, z0, ts, params, adjoint, settings, tols, batch_axis, event) -> Solution:
     """The solve itself, compiled once per setting: an eager call hits the cache."""
     f_flat, z0_flat, ts, arrays, unravel = _flatten(f, z0, ts, params, batch_axis, tols)
     if event is not None:
@@ -197,10 +197,14 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis, event)
                              arrays, tols, lanes=batch_axis is not None)
     # Integer outputs of a custom_vjp still carry (zero) tangents: cut them.
     status = jax.lax.stop_gradient(flat.status)
-    zs_flat = flat.zs
-    if throw:
-        zs_flat = eqx.branched_error_if(zs_flat, status != loop.SUCCESS, status,
-                                        loop.STATUS_MESSAGES)
+    zs_flat, event_time, happened = flat.zs, flat.event_time, flat.event_happened
+    if happened is not None:
+        happened = jax.lax.stop_gradient(happened)
+    if settings.throw:
+        # On every output: one used alone (the event time, say) still raises.
+        zs_flat, event_time, happened = eqx.branched_error_if(
+            (zs_flat, event_time, happened), status != loop.SUCCESS, status,
+            loop.STATUS_MESSAGES)
     if batch_axis is None:
         zs = jax.vmap(unravel)(zs_flat)
     else:
@@ -211,10 +215,9 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, throw, batch_axis, event)
     event_state = None
     if event is not None:  # the last output is at or after the event: its state
         event_state = jax.tree_util.tree_map(lambda x: x[-1], zs)
-    happened = None if flat.event_happened is None else jax.lax.stop_gradient(flat.event_happened)
     return Solution(ts=ts, zs=zs, stats=stats, status=status, history=flat.history,
                     solver=settings.forward.solver, unravel=unravel, batch_axis=batch_axis,
-                    event_happened=happened, event_time=flat.event_time, event_state=event_state)
+                    event_happened=happened, event_time=event_time, event_state=event_state)
 
 
 def odeint(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"],
@@ -314,7 +317,7 @@ def _adjoint_nfe(f, z0, ts, params, cotangent, settings, tols, batch_axis):
 
 
 def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=4096, adjoint,
-           controller=None, dense=False, progress=False):
+           controller=None, dense=False, progress=False, throw=True):
     """Checks the options and builds the settings once: (Settings, Tolerances)."""
     solver = resolve_solver(solver)
     controller = _controller(controller, solver, dt0)
@@ -325,7 +328,7 @@ def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=409
         _check_number("dt0", dt0)
         if isinstance(dt0, numbers.Real) and dt0 == 0:
             raise ValueError("dt0: must be non-zero")
-    for name, flag in (("dense", dense), ("progress", progress)):
+    for name, flag in (("dense", dense), ("progress", progress), ("throw", throw)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {flag!r}")
     backsolve = adjoint if isinstance(adjoint, adjoint_lib.Backsolve) else adjoint_lib.Backsolve()
@@ -335,7 +338,7 @@ def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=409
                          "an adaptive forward solve needs an adaptive backward one")
     forward = loop.Static(solver, controller, int(max_steps), dense=dense,
                           automatic_dt0=dt0 is None, progress=progress)
-    settings = adjoint_lib.Settings(forward, backward_solver, backsolve.seminorm)
+    settings = adjoint_lib.Settings(forward, backward_solver, backsolve.seminorm, throw=throw)
     real = lambda x: jnp.asarray(x, jnp.finfo(_state_dtype(z0)).dtype)
     tols = adjoint_lib.Tolerances(
         rtol=real(rtol), atol=real(atol), dt0=jnp.abs(real(0.0 if dt0 is None else dt0)),

@@ -9,6 +9,7 @@ times: `solve` is the one place where the direction is handled.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ STATUS_MESSAGES = (
 1 max_steps reached, 2 step-size underflow, 3 non-finite state, 4 ts not monotonic."""
 
 SAVE_CHUNK = 4  # outputs filled per pass of the output loop
+LANE_WINDOW = 16  # outputs a lane's differentiated step fills from one window
 
 
 class Static(NamedTuple):
@@ -378,25 +380,50 @@ def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
 
 
 def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
-    """As `_save`, by evaluating the dense output at every output time: no inner loop to
-    differentiate, O(len(ts)) work per step. Lanes (z of shape (lanes, n), dense with a
-    leading lane axis) save each their own."""
-    if z.ndim > 1:
-        def lane(zs, index, t, z, dt, t_new, z1, dense, accept):
-            zs, index = _save_masked(solver, taus, zs, index[0], t[0], z, dt[0], t_new[0], z1,
-                                     dense, accept[0])
-            return zs, index[None]
+    """As `_save`, with no loop to differentiate: the outputs the step passed are written
+    from the dense output at every output time, or, for lanes (z of shape (lanes, n),
+    dense with a leading lane axis, each saving its own), at the LANE_WINDOW output times
+    from each lane's next output when that holds all of the step's (each lane at its own
+    θ, every output time would cost O(len(ts)) a step and lane)."""
+    # How many outputs each lane's step passed: those in (t, t_new].
+    count = jnp.searchsorted(taus, t_new, side="right").astype(next_output.dtype) - next_output
+    count = jnp.where(accept, count, 0)
 
-        return jax.vmap(lane)(zs, next_output, t, z, dt, t_new, z1, dense, accept)
-    inside = accept & (taus > t) & (taus <= t_new)
+    def fill(window):
+        one = functools.partial(_fill_outputs, solver, taus, window)
+        if z.ndim == 1:
+            return one(zs, next_output, count, t, z, dt, t_new, z1, dense)
+        column = lambda x: x[:, 0]
+        zs_new, index = jax.vmap(one)(zs, column(next_output), column(count), column(t), z,
+                                      column(dt), column(t_new), z1, dense)
+        return zs_new, index[:, None]
+
+    # One trajectory's weights at each output time serve all of its state (and one branch
+    # compiles faster): it always evaluates at every output time.
+    every = taus.shape[0]
+    if z.ndim == 1 or every <= LANE_WINDOW:
+        return fill(every)
+    fits = eqxi.unvmap_max(jnp.max(count)) <= LANE_WINDOW
+    return lax.cond(fits, functools.partial(fill, LANE_WINDOW), functools.partial(fill, every))
+
+
+def _fill_outputs(solver, taus, window, zs, index, count, t, z, dt, t_new, z1, dense):
+    """zs with the `count` outputs from `index` on filled by the step's dense output,
+    evaluated at `window` output times (from `index`, or all of them)."""
+    num_outputs = taus.shape[0]
+    start = 0 if window == num_outputs else index
+    indices = start + jnp.arange(window, dtype=index.dtype)
+    write = (indices >= index) & (indices < index + count)
+    tau = taus[jnp.minimum(indices, num_outputs - 1)]
     # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
     # here would leak through the mask into the gradient.
     safe_dt = jnp.where(dt == 0, 1, dt)
-    at = lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt)
-    values = jax.vmap(at)(taus)
-    values = jnp.where((taus == t_new)[:, None], z1, values)
-    zs = jnp.where(inside[:, None], values, zs)
-    return zs, next_output + jnp.sum(inside, dtype=next_output.dtype)
+    values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(tau)
+    values = jnp.where((tau == t_new)[:, None], z1, values)
+    if window == num_outputs:
+        return jnp.where(write[:, None], values, zs), index + count
+    zs = zs.at[jnp.where(write, indices, num_outputs)].set(values, mode="drop")
+    return zs, index + count
 
 
 def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):

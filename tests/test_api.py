@@ -555,6 +555,20 @@ def test_runtime_failure_raises_under_jit(case):
         jax.block_until_ready(run(z0))
 
 
+@pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+def test_a_gradient_of_a_failed_solve_raises_its_failure(adjoint):
+    # Only the gradient is used (the outputs' own check is then dead code): it raises,
+    # with the forward solve's message (a gradient of 0.0, or the backward pass's "non-
+    # finite state", before).
+    def loss(k):
+        zs = jaxode.odeint(decay, jnp.ones(2), jnp.array([0.0, 5.0]), k, max_steps=2,
+                           adjoint=adjoint)
+        return zs[-1].sum()
+
+    with pytest.raises(RUNTIME_ERRORS, match="max_steps"):
+        jax.block_until_ready(jax.jit(jax.grad(loss))(1.0))
+
+
 def test_runtime_failure_raises_without_jit():
     with pytest.raises(RUNTIME_ERRORS, match="strictly"):
         jax.block_until_ready(jaxode.odeint(decay, jnp.ones(2), jnp.array([0.0, 2.0, 1.0])))

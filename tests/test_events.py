@@ -256,6 +256,14 @@ class TestBadInput:
         with pytest.raises(TypeError, match="event: .*once"):
             jax.jacfwd(jax.jacfwd(impact_time))(1.0, G, "forward")
 
+    def test_a_failed_solve_raises_through_its_event_time(self):
+        run = lambda h, **options: jaxode.solve(fall, jnp.stack([h, 0.0]), TS, G, event=FLOOR,
+                                                max_steps=2, **options).event_time
+        with pytest.raises(Exception, match="max_steps"):
+            jax.block_until_ready(jax.jit(run)(1.0))
+        with pytest.raises(Exception, match="max_steps"):
+            jax.block_until_ready(jax.jit(jax.grad(lambda h: run(h, adjoint="direct")))(1.0))
+
     def test_adjoint_nfe_refuses_an_event(self):
         with pytest.raises(ValueError, match="event"):
             jaxode.adjoint_nfe(fall, jnp.array([1.0, 0.0]), TS, G, event=FLOOR)
