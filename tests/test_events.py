@@ -179,6 +179,15 @@ class TestSemantics:
                                                rtol=1e-5, atol=1e-6).event_time)
         assert abs(float(grad(jnp.float32(1.0))) - float(jax.grad(impact)(1.0, G))) < 1e-4
 
+    def test_complex_state(self):
+        # z = exp(i w t): Re z falls through 0 at t = pi / (2 w); dt/dw = -pi / (2 w^2).
+        event = jaxode.Event(lambda z, t, w: jnp.real(z[0]), direction=-1)
+        hit = lambda w: jaxode.solve(lambda z, t, w: 1j * w * z, jnp.ones(1, jnp.complex128),
+                                     TS, w, event=event, rtol=1e-10, atol=1e-10).event_time
+        value, grad = jax.value_and_grad(hit)(2.0)
+        assert abs(float(value) - np.pi / 4) < 1e-9
+        assert abs(float(grad) + np.pi / 8) < 1e-7
+
     def test_pytree_state(self):
         field = lambda z, t, g: {"height": z["velocity"], "velocity": -g * jnp.ones(())}
         event = jaxode.Event(lambda z, t, g: z["height"], direction=-1)
