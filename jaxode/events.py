@@ -139,6 +139,9 @@ def differentiable(cond, field, ts, zs, t_out, happened):
     z_fixed = z_row - slope_z * (t_out - t_fixed)
     # dc/dt along the trajectory at the event: ∂c/∂z f + ∂c/∂t.
     _, slope_c = jax.jvp(cond, (z_fixed, t_fixed), (slope_z, jnp.ones_like(t_fixed)))
+    # Without an event the slope is unused, but a zero there would still turn its zero
+    # cotangent into NaN.
+    slope_c = jnp.where(happened, slope_c, 1)
     t_event = _implicit_time(t_fixed, cond(z_fixed, t_fixed), slope_c)
     z_event = z_fixed + slope_z * (t_event - t_fixed)
     zs = jnp.where(happened & after[:, None], z_event, zs)

@@ -130,6 +130,15 @@ class TestSemantics:
         chex.assert_trees_all_close(sol.event_state, sol.zs[-1])
         chex.assert_trees_all_close(sol.zs[-1], jnp.array([100 - G * 2.0, -2 * G]), rtol=1e-10)
 
+    def test_no_event_where_cond_is_flat(self):
+        # cond's slope is zero at the end of a solve without an event: the gradient of
+        # the outputs must not see the unused implicit-function step (it gave NaN).
+        event = jaxode.Event(lambda z, t, p: z[0] - 5.0)
+        for adjoint in ("backsolve", "direct"):
+            last = lambda z0: jaxode.odeint(lambda z, t, p: 0.0 * z, jnp.stack([z0]), TS, None,
+                                            event=event, adjoint=adjoint)[-1, 0]
+            assert float(jax.grad(last)(1.0)) == 1.0
+
     def test_direction(self):
         height = lambda direction: jaxode.Event(lambda z, t, g: z[0], direction)
         up = jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G, event=height(1))
