@@ -34,9 +34,9 @@ class Event(eqx.Module):
     """A terminal event: the solve stops at the first t after ts[0] at which
     `cond(z(t), t, params)` crosses zero.
 
-    cond: `cond(z, t, params) -> scalar`, a real floating-point scalar. It is held as a
-        static function: what it should learn (a network's weights) comes in `params`,
-        which the solve differentiates, not in arrays it closes over.
+    cond: `cond(z, t, params) -> scalar`, a real floating-point scalar: a function or a
+        callable Equinox module (a learned event function); `params`, the arrays it
+        closes over and a module's own arrays are all differentiated.
     direction: +1 counts only crossings from negative to positive, -1 only from positive
         to negative, 0 both; "from" and "to" as the solve meets them (for decreasing ts,
         in the order of decreasing t). A start exactly on zero is not a crossing.
@@ -57,7 +57,7 @@ class Event(eqx.Module):
         True
     """
 
-    cond: Callable = eqx.field(static=True)
+    cond: Callable
     direction: int = eqx.field(static=True, default=0)
 
     def __check_init__(self):

@@ -3,6 +3,7 @@ forms, under every adjoint, jit and not, vmap, batch_axis, decreasing ts, float3
 pytree states; direction semantics, no event, a grazing touch, and bad conds."""
 
 import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,6 +231,24 @@ class TestSemantics:
         derivative = jax.jacfwd if adjoint == "forward" else jax.grad
         exact = jax.grad(lambda p: jnp.sqrt(2 * (1 - p["floor"]) / p["g"]))(p)
         chex.assert_trees_all_close(derivative(hit)(p), exact, rtol=1e-7)
+
+    def test_cond_as_a_module_and_as_a_closure(self):
+        # A learned event function is an Equinox module; its arrays are differentiated, as
+        # are arrays a plain cond closes over.
+        class Floor(eqx.Module):
+            height: jax.Array
+
+            def __call__(self, z, t, g):
+                return z[0] - self.height
+
+        def hit(cond):
+            return jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G,
+                                event=jaxode.Event(cond, direction=-1)).event_time
+
+        exact = float(jax.grad(lambda h: jnp.sqrt(2 * (1 - h) / G))(0.1))
+        module = jax.grad(hit)(Floor(jnp.array(0.1))).height
+        closure = jax.grad(lambda h: hit(lambda z, t, g: z[0] - h))(0.1)
+        assert abs(float(module) - exact) < 1e-7 and abs(float(closure) - exact) < 1e-7
 
     def test_dense_output_holds_the_event_state_after_it(self):
         sol = jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G, event=FLOOR, dense=True)
