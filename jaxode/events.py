@@ -74,8 +74,6 @@ class CondError(TypeError, ValueError):
 
 def check_cond(event: Event, z0, t0, params):
     """While tracing: `cond(z0, t0, params)` must be a real floating-point scalar."""
-    if not isinstance(event, Event):
-        raise TypeError(f"event: expected None or a jaxode.Event(cond, direction), got {event!r}")
     out = eqx.filter_eval_shape(event.cond, z0, t0, params)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
