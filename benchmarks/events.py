@@ -63,8 +63,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import fmt, mlp_field, mlp_params, ms, table, time_interleaved, us
-from .gradients import counting  # f counting its executed evaluations (untimed builds)
+from .common import (
+    counting,  # f counting its executed evaluations (untimed builds)
+    fmt,
+    mlp_field,
+    mlp_params,
+    ms,
+    table,
+    time_interleaved,
+    us,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("ball", "mlp")

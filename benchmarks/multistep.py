@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import fmt, mlp_field, mlp_params, ms, table, time_interleaved
+from .common import counting, fmt, mlp_field, mlp_params, ms, table, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("classic", "mlp", "odenet")
@@ -82,24 +82,6 @@ def _diffrax_fn(field, t_end, method, ts=None):
     return fn
 
 
-def _counting(f, counter):
-    import jax
-    import jax.numpy as jnp
-
-    def tick(t):
-        counter[0] += 1
-        return np.zeros(np.shape(t), np.asarray(t).dtype)
-
-    def g(y, t, p):
-        dy = f(y, t, p)
-        t = jax.lax.stop_gradient(jnp.asarray(t, dy.dtype))
-        zero = jax.pure_callback(tick, jax.ShapeDtypeStruct(t.shape, t.dtype), t,
-                                 vmap_method="expand_dims")
-        return dy + 0 * zero
-
-    return g
-
-
 def _sweep(field, numpy_field, y0, t_end, reference, cfg, ts=None, atol_factor=1.0):
     """Every system at every tolerance: {(system, tol): {error, nfe, time_s}}."""
     import jax
@@ -112,7 +94,7 @@ def _sweep(field, numpy_field, y0, t_end, reference, cfg, ts=None, atol_factor=1
         make = _jaxode_fn if system == "jaxode" else _diffrax_fn
         fn = jax.jit(make(field, t_end, method, ts))
         counter = [0]
-        counted = jax.jit(make(_counting(field, counter), t_end, method, ts))
+        counted = jax.jit(make(counting(field, counter), t_end, method, ts))
         tols = TOLS + (EXTRA_ADAMS_TOLS if method == "adams" else ())
         for tol in tols:
             rtol = jnp.asarray(tol, y0.dtype)
@@ -332,61 +314,19 @@ def precision_worker():
 
 
 def odenet_worker(method, batch, repeats):
-    import equinox as eqx
     import jax
-    import optax
 
     import jaxode.nn as nn
-    import jaxode.nn.odenet as odenet
 
-    from .odenet_step import _Counter, _counting
+    from .odenet_step import features_block, measure_step
 
-    key = jax.random.PRNGKey(0)
-    model = nn.ODENet(channels=64, solver=method, rtol=1e-5, atol=1e-5, key=key)
+    model = nn.ODENet(channels=64, solver=method, rtol=1e-5, atol=1e-5,
+                      key=jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 1, 28, 28))
     y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
-
-    def logits(m, func):
-        h = odenet.per_example(m.downsample, x, 3)
-        h = eqx.tree_at(lambda mm: mm.features.func, m, func).features(h)
-        return odenet.per_example(m.head, h, 3)
-
-    def loss_fn(m, func):
-        return optax.softmax_cross_entropy_with_integer_labels(logits(m, func), y).mean()
-
-    optimizer = optax.sgd(0.1, momentum=0.9)
-    arrays, static = eqx.partition(model, eqx.is_array)
-    opt_state = optimizer.init(arrays)
-
-    def step(arrays, opt_state):
-        def loss_of(a):
-            m = eqx.combine(a, static)
-            return loss_fn(m, m.features.func)
-
-        loss, grads = jax.value_and_grad(loss_of)(arrays)
-        updates, opt_state = optimizer.update(grads, opt_state, arrays)
-        return optax.apply_updates(arrays, updates), opt_state, loss
-
-    start = time.perf_counter()
-    compiled = jax.jit(step).lower(arrays, opt_state).compile()
-    compile_s = time.perf_counter() - start
-    loss = float(jax.block_until_ready(compiled(arrays, opt_state)[2]))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(arrays, opt_state)[2])
-        times.append(time.perf_counter() - start)
-    counter = _Counter()
-    counted = _counting(model.features.func, counter)
-    jax.block_until_ready(jax.jit(lambda f: logits(model, f))(counted))
-    jax.effects_barrier()
-    forward = counter.count
-    counter.count = 0
-    jax.block_until_ready(jax.jit(jax.grad(lambda f: loss_fn(model, f)))(counted))
-    jax.effects_barrier()
-    print(json.dumps({"solver": method, "step_s": float(np.median(times)),
-                      "compile_s": compile_s, "loss": loss, "forward_nfe": forward,
-                      "backward_nfe": counter.count - forward}))
+    result = measure_step(model, x, y, features_block(model), repeats)
+    keys = ("step_s", "compile_s", "loss", "forward_nfe", "backward_nfe")
+    print(json.dumps({"solver": method, **{k: result[k] for k in keys}}))
 
 
 def main(argv=None):

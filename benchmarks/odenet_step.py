@@ -75,11 +75,7 @@ def _counting(func, counter):
 
 
 def run_jax(system: str, batch: int, channels: int, repeats: int) -> dict:
-    import equinox as eqx
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
 
     import jaxode.nn as nn
     import jaxode.nn.odenet as odenet
@@ -108,9 +104,30 @@ def run_jax(system: str, batch: int, channels: int, repeats: int) -> dict:
                 saveat=diffrax.SaveAt(t1=True))
             return sol.ys[0]
     else:
+        block_forward = features_block(model)
+    return {"system": system, "rtol": rtol, "device": jax.devices()[0].device_kind,
+            **measure_step(model, x, y, block_forward, repeats)}
 
-        def block_forward(func, h):
-            return eqx.tree_at(lambda m: m.features.func, model, func).features(h)
+
+def features_block(model):
+    """The model's own ODE block with its vector field replaced by `func`."""
+    import equinox as eqx
+
+    return lambda func, h: eqx.tree_at(lambda m: m.features.func, model, func).features(h)
+
+
+def measure_step(model, x, y, block_forward, repeats: int) -> dict:
+    """One SGD-momentum training step of `model` on (x, y), its ODE block solved by
+    block_forward(func, h): steady seconds (median of `repeats`), compile seconds,
+    compiled temporary memory, loss, parameter count, and the forward and backward NFE
+    (untimed, through a counting vector field)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import jaxode.nn.odenet as odenet
 
     def logits(m, func):
         h = odenet.per_example(m.downsample, x, 3)
@@ -148,14 +165,13 @@ def run_jax(system: str, batch: int, channels: int, repeats: int) -> dict:
     counter = _Counter()
     counted = _counting(model.features.func, counter)
     jax.block_until_ready(jax.jit(lambda f: logits(model, f))(counted))
+    jax.effects_barrier()
     forward = counter.count
     counter.count = 0
     jax.block_until_ready(jax.jit(jax.grad(lambda f: loss_fn(model, f)))(counted))
-    total = counter.count
-    return {"system": system, "step_s": float(np.median(times)), "compile_s": compile_s,
-            "temp_bytes": temp, "loss": loss, "forward_nfe": forward,
-            "backward_nfe": total - forward, "rtol": rtol,
-            "device": jax.devices()[0].device_kind,
+    jax.effects_barrier()
+    return {"step_s": float(np.median(times)), "compile_s": compile_s, "temp_bytes": temp,
+            "loss": loss, "forward_nfe": forward, "backward_nfe": counter.count - forward,
             "params": int(sum(a.size for a in jax.tree_util.tree_leaves(arrays)
                               if jnp.issubdtype(a.dtype, jnp.floating)))}
 

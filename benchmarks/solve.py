@@ -30,6 +30,7 @@ import numpy as np
 
 from .common import (
     BIAS_STD,
+    counting,
     first_call,
     fmt,
     mlp_field,
@@ -66,30 +67,6 @@ def config(quick: bool) -> dict:
     # Many short rounds: a burst of load from other processes then spoils few of them.
     return dict(quick=False, repeats_a=15, compile_repeats=3, repeats_b=21,
                 min_sample_b=0.01, tols_b=TOLS_B, repeats_c=15, evals_c=1000)
-
-
-def counting(f, counter: list):
-    """f that also counts its executed (batched) evaluations in counter[0].
-
-    The count is a host callback whose (zero) result feeds f's output, so XLA keeps
-    one per evaluation actually executed; under vmap it is called once per batched
-    evaluation (vmap_method="expand_dims"). Only for NFE runs, never for timing.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def tick(t):
-        counter[0] += 1
-        return np.zeros(np.shape(t), np.asarray(t).dtype)
-
-    def g(z, t, params):
-        dz = f(z, t, params)
-        t = jnp.asarray(t, dz.dtype)
-        zero = jax.pure_callback(tick, jax.ShapeDtypeStruct(t.shape, t.dtype), t,
-                                 vmap_method="expand_dims")
-        return dz + 0 * jnp.sum(zero)
-
-    return g
 
 
 # ================================================================ (a) and (c)

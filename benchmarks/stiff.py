@@ -39,12 +39,10 @@ MAX_STEPS = 100_000
 
 
 def problems():
+    """The four stiff problems (the tests use these fields too)."""
     import jax.numpy as jnp
 
-    def robertson(y, t, k):
-        return jnp.stack([-k[0] * y[0] + k[2] * y[1] * y[2],
-                          k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
-                          k[1] * y[1] ** 2])
+    from experiments.stiff import robertson
 
     def van_der_pol(y, t, mu):
         return jnp.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])

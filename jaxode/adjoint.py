@@ -227,7 +227,7 @@ def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
     if settings.throw:  # a gradient that uses no output of the solve still learns of it
         status = jnp.where(forward_status != loop.SUCCESS, forward_status, status)
     # On every cotangent: an unused one (and its check) may be dropped as dead code.
-    z0_bar, ts_bar, a_theta = _raise_if_failed((a + g[:, 0], ts_bar, a_theta), status)
+    z0_bar, ts_bar, a_theta = loop.raise_if_failed((a + g[:, 0], ts_bar, a_theta), status)
     params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
     return (z0_bar, ts_bar.astype(real), params_bar, consts_bar), nfe
 
@@ -526,7 +526,7 @@ def _direct_bwd(ff, settings, residuals, cotangents):
         return bars
     # A gradient that uses no output of the failed solve still learns of it.
     differentiable, rest = eqx.partition(bars, eqx.is_inexact_array)
-    return eqx.combine(_raise_if_failed(differentiable, status), rest)
+    return eqx.combine(loop.raise_if_failed(differentiable, status), rest)
 
 
 _direct.defvjp(_direct_fwd, _direct_bwd)
@@ -586,11 +586,6 @@ def _closure_convert(ff, event, z, t, params):
     converted, consts = jax.closure_convert(pair, z, t, params)
     cond = lambda *args: converted(*args)[1]
     return (lambda *args: converted(*args)[0]), events.Event(cond, event.direction), consts
-
-
-def _raise_if_failed(tree, status):
-    return eqx.branched_error_if(tree, jnp.any(status != loop.SUCCESS), jnp.max(status),
-                                 loop.STATUS_MESSAGES)
 
 
 def _batched(ff):

@@ -202,9 +202,8 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, batch_axis, event) -> Sol
         happened = jax.lax.stop_gradient(happened)
     if settings.throw:
         # On every output: one used alone (the event time, say) still raises.
-        zs_flat, event_time, happened = eqx.branched_error_if(
-            (zs_flat, event_time, happened), status != loop.SUCCESS, status,
-            loop.STATUS_MESSAGES)
+        zs_flat, event_time, happened = loop.raise_if_failed((zs_flat, event_time, happened),
+                                                             status)
     if batch_axis is None:
         zs = jax.vmap(unravel)(zs_flat)
     else:

@@ -116,7 +116,7 @@ def locate(value_at, before, after, tolerance):
 
     one, zero = jnp.ones_like(before), jnp.zeros_like(before)
     state = (zero, one, before, after, jnp.zeros((), jnp.int32), after == 0, 0)
-    lo, hi, *_, exact, _ = lax.while_loop(unfinished, body, state)
+    lo = lax.while_loop(unfinished, body, state)[0]
     return jnp.where(after == 0, one, lo)
 
 

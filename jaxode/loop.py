@@ -13,6 +13,7 @@ import functools
 import sys
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
@@ -323,6 +324,12 @@ class Loop:
         if c.event_happened is not None:
             event_time, happened = c.t, c.event_happened
         return Result(zs, stats, c.status, c.history, c.dt, event_time, happened)
+
+
+def raise_if_failed(tree, status):
+    """tree, raising the message of the (worst) failure in `status` when it is used."""
+    return eqx.branched_error_if(tree, jnp.any(status != SUCCESS), jnp.max(status),
+                                 STATUS_MESSAGES)
 
 
 def pieces(f, z0, taus, static: Static, traced: Traced, event=None):

@@ -22,6 +22,7 @@ import pytest
 from scipy.integrate import solve_ivp
 
 import jaxode
+from benchmarks.stiff import problems
 from jaxode.loop import MAX_STEPS_REACHED, NONFINITE_STATE, SUCCESS
 from jaxode.solvers import implicit, rosenbrock
 
@@ -39,35 +40,8 @@ def make(name, rtol=1e-8, atol=1e-10):
 # ------------------------------------------------------------------ the problems
 
 
-def robertson(y, t, k):
-    k1, k2, k3 = k[0], k[1], k[2]
-    return jnp.stack([-k1 * y[0] + k3 * y[1] * y[2],
-                      k1 * y[0] - k2 * y[1] ** 2 - k3 * y[1] * y[2],
-                      k2 * y[1] ** 2])
-
-
-def van_der_pol(y, t, mu):
-    return jnp.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
-
-
-def hires(y, t, _):
-    f7 = 280 * y[5] * y[7] - 1.81 * y[6]
-    return jnp.stack([
-        -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
-        1.71 * y[0] - 8.75 * y[1],
-        -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
-        8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
-        -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
-        -280 * y[5] * y[7] + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
-        f7,
-        -f7,
-    ])
-
-
-def oregonator(y, t, _):
-    return jnp.stack([77.27 * (y[1] + y[0] * (1 - 8.375e-6 * y[0] - y[1])),
-                      (y[2] - (1 + y[0]) * y[1]) / 77.27,
-                      0.161 * (y[0] - y[2])])
+robertson, van_der_pol, hires, oregonator = (
+    problems()[name][0] for name in ("robertson", "van_der_pol", "hires", "oregonator"))
 
 
 K_ROBERTSON = np.array([0.04, 3e7, 1e4])
