@@ -718,6 +718,7 @@ def test_solvers_are_public():
 @pytest.mark.parametrize("options, error, name", [
     (dict(progress="yes"), TypeError, "progress"),
     (dict(dense=1), TypeError, "dense"),
+    (dict(throw="no"), TypeError, "throw"),
     (dict(adjoint=jaxode.Backsolve(solver="rk4")), ValueError, "Backsolve.solver"),
     (dict(adjoint=42), TypeError, "adjoint"),
 ])
