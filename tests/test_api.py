@@ -560,13 +560,15 @@ def test_a_gradient_of_a_failed_solve_raises_its_failure(adjoint):
     # Only the gradient is used (the outputs' own check is then dead code): it raises,
     # with the forward solve's message (a gradient of 0.0, or the backward pass's "non-
     # finite state", before).
-    def loss(k):
+    def loss(k, throw=True):
         zs = jaxode.odeint(decay, jnp.ones(2), jnp.array([0.0, 5.0]), k, max_steps=2,
-                           adjoint=adjoint)
+                           adjoint=adjoint, throw=throw)
         return zs[-1].sum()
 
     with pytest.raises(RUNTIME_ERRORS, match="max_steps"):
         jax.block_until_ready(jax.jit(jax.grad(loss))(1.0))
+    if adjoint == "direct":  # throw=False: the failure is the caller's to read in status
+        jax.block_until_ready(jax.jit(jax.grad(functools.partial(loss, throw=False)))(1.0))
 
 
 def test_runtime_failure_raises_without_jit():
