@@ -265,13 +265,14 @@ class Loop:
             args = lax.stop_gradient((scalar(c.t), c.z, scalar(dt), attempt.dense,
                                       scalar(c.event_value), scalar(jnp.where(hit, after, 0)),
                                       scalar(t_new)))
-            return per_lane(root)(*args)
+            theta = jnp.where(hit, per_lane(root)(*args), 1)
+            interpolate = jax.vmap(self.solver.interpolate) if lanes else self.solver.interpolate
+            z_hit = interpolate(c.z, scalar(dt), attempt.dense, scalar(theta))
+            return theta, jnp.where(theta == 1, attempt.z, z_hit)
 
-        theta = lax.cond(eqxi.unvmap_any(jnp.any(hit)), find, lambda: jnp.ones_like(after))
-        theta = jnp.where(hit, theta, 1)
-        interpolate = jax.vmap(self.solver.interpolate) if lanes else self.solver.interpolate
-        z_hit = interpolate(c.z, scalar(dt), attempt.dense, scalar(theta))
-        z_hit = jnp.where(theta == 1, attempt.z, z_hit)
+        # Only a step in which some lane crossed looks for the root and interpolates.
+        theta, z_hit = lax.cond(eqxi.unvmap_any(jnp.any(hit)), find,
+                                lambda: (jnp.ones_like(after), attempt.z))
         t_hit = jnp.where(theta == 1, t_new, c.t + theta * dt)
         keep = lambda new, old: jnp.where(hit, new, old)
         return keep(t_hit, t_new), attempt._replace(z=keep(z_hit, attempt.z)), after, hit
