@@ -91,7 +91,9 @@ class _Carry(NamedTuple):
     dt: jax.Array
     controller_state: Any
     next_output: jax.Array
-    zs: jax.Array | None  # None when only the end points are output
+    # (len(ts) + 1, n): the outputs and a spare last row that takes the writes a step
+    # does not make (so that every write is in bounds); None with only the end points.
+    zs: jax.Array | None
     num_steps: jax.Array
     num_accepted: jax.Array
     status: jax.Array
@@ -115,8 +117,11 @@ def solve(f, z0, ts, static: Static, traced: Traced, event: events.Event | None 
         # A single trajectory (vmapped or not: equinox's loop masks batched lanes) is
         # active whenever the body runs; explicit lanes (lanes, n) mask themselves.
         body = (lambda c: step(c, unfinished(c))[0]) if z0.ndim > 1 else (lambda c: step(c)[0])
+        # The history and a single trajectory's outputs are written once per row: as
+        # buffers they are neither checkpointed nor carried as cotangents step by step.
+        buffers = (lambda c: (c.history, c.zs)) if z0.ndim == 1 else (lambda c: c.history)
         final = eqxi.while_loop(lambda c: jnp.any(unfinished(c)), body, init(),
-                                max_steps=static.max_steps, buffers=lambda c: c.history,
+                                max_steps=static.max_steps, buffers=buffers,
                                 kind="checkpointed")
     else:
         # The loop runs while any lane (of a vmapped solve) is unfinished; the step masks
@@ -160,7 +165,7 @@ class Loop:
         status = jnp.where(_all_finite(z0) & jnp.isfinite(dt), status, NONFINITE_STATE)
         zs = None
         if taus.shape[0] > 2:
-            zs = jnp.full((*z0.shape[:-1], taus.shape[0], z0.shape[-1]), jnp.nan, z0.dtype)
+            zs = jnp.full((*z0.shape[:-1], taus.shape[0] + 1, z0.shape[-1]), jnp.nan, z0.dtype)
             zs = zs.at[..., 0, :].set(z0)
         probe = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state))
         zero = jnp.zeros(lanes, jnp.int32)
@@ -309,7 +314,7 @@ class Loop:
         if c.zs is None:
             zs = jnp.stack([self.z0, jnp.where(c.t == c.t_end, c.z, jnp.nan)], axis=-2)
         else:
-            zs = c.zs
+            zs = c.zs[..., :-1, :]
             if c.event_happened is not None:  # outputs after the event hold its state
                 after = c.event_happened[..., None] & (self.taus > c.t)[..., None]
                 zs = jnp.where(after, c.z[..., None, :], zs)
@@ -366,7 +371,7 @@ def _draw_progress(percent, steps):
 def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """Fill every output time in (t, t_new] by dense output; steps never shrink for them.
     Each pass fills SAVE_CHUNK outputs in one scatter, outputs beyond the step (and, under
-    vmap, those of lanes with nothing to write) aimed past the buffer's end and dropped."""
+    vmap, those of lanes with nothing to write) aimed at the spare last row."""
     num_outputs = taus.shape[0]
 
     def pending(state):
@@ -380,7 +385,7 @@ def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
         write = accept & (indices < num_outputs) & (tau <= t_new)
         values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / dt))(tau)
         values = jnp.where((tau == t_new)[:, None], z1, values)
-        zs = zs.at[jnp.where(write, indices, num_outputs)].set(values, mode="drop")
+        zs = zs.at[jnp.where(write, indices, num_outputs)].set(values)
         return index + jnp.sum(write, dtype=index.dtype), zs
 
     next_output, zs = lax.while_loop(lambda s: eqxi.unvmap_any(pending(s)), fill, (next_output, zs))
@@ -417,7 +422,9 @@ def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, acce
 
 def _fill_outputs(solver, taus, window, zs, index, count, t, z, dt, t_new, z1, dense):
     """zs with the `count` outputs from `index` on filled by the step's dense output,
-    evaluated at `window` output times (from `index`, or all of them)."""
+    evaluated at `window` output times (from `index`, or all of them); the others are
+    written to the spare last row, so that a single trajectory's zs can be a loop buffer
+    (each row written once, in bounds)."""
     num_outputs = taus.shape[0]
     start = 0 if window == num_outputs else index
     indices = start + jnp.arange(window, dtype=index.dtype)
@@ -428,10 +435,7 @@ def _fill_outputs(solver, taus, window, zs, index, count, t, z, dt, t_new, z1, d
     safe_dt = jnp.where(dt == 0, 1, dt)
     values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(tau)
     values = jnp.where((tau == t_new)[:, None], z1, values)
-    if window == num_outputs:
-        return jnp.where(write[:, None], values, zs), index + count
-    zs = zs.at[jnp.where(write, indices, num_outputs)].set(values, mode="drop")
-    return zs, index + count
+    return zs.at[jnp.where(write, indices, num_outputs)].set(values), index + count
 
 
 def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):
