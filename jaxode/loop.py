@@ -117,12 +117,11 @@ def solve(f, z0, ts, static: Static, traced: Traced, event: events.Event | None 
         # A single trajectory (vmapped or not: equinox's loop masks batched lanes) is
         # active whenever the body runs; explicit lanes (lanes, n) mask themselves.
         body = (lambda c: step(c, unfinished(c))[0]) if z0.ndim > 1 else (lambda c: step(c)[0])
-        # The history and a single trajectory's outputs are written once per row: as
-        # buffers they are neither checkpointed nor carried as cotangents step by step.
-        buffers = (lambda c: (c.history, c.zs)) if z0.ndim == 1 else (lambda c: c.history)
+        # The history and the outputs are written once per row: as buffers they are
+        # neither checkpointed nor carried as cotangents step by step.
         final = eqxi.while_loop(lambda c: jnp.any(unfinished(c)), body, init(),
-                                max_steps=static.max_steps, buffers=buffers,
-                                kind="checkpointed")
+                                max_steps=static.max_steps,
+                                buffers=lambda c: (c.history, c.zs), kind="checkpointed")
     else:
         # The loop runs while any lane (of a vmapped solve) is unfinished; the step masks
         # the finished ones itself: a batched loop condition would make XLA select every
@@ -397,34 +396,42 @@ def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, acce
     from the dense output at every output time, or, for lanes (z of shape (lanes, n),
     dense with a leading lane axis, each saving its own), at the LANE_WINDOW output times
     from each lane's next output when that holds all of the step's (each lane at its own
-    θ, every output time would cost O(len(ts)) a step and lane)."""
+    θ, every output time would cost O(len(ts)) a step and lane). One scatter writes them,
+    each output row once, so that zs can be a buffer of the checkpointed loop."""
     # How many outputs each lane's step passed: those in (t, t_new].
     count = jnp.searchsorted(taus, t_new, side="right").astype(next_output.dtype) - next_output
     count = jnp.where(accept, count, 0)
+    every = taus.shape[0]
 
-    def fill(window):
-        one = functools.partial(_fill_outputs, solver, taus, window)
+    def writes(window):
+        one = functools.partial(_output_rows, solver, taus, window)
         if z.ndim == 1:
-            return one(zs, next_output, count, t, z, dt, t_new, z1, dense)
+            return one(next_output, count, t, z, dt, t_new, z1, dense)
         column = lambda x: x[:, 0]
-        zs_new, index = jax.vmap(one)(zs, column(next_output), column(count), column(t), z,
-                                      column(dt), column(t_new), z1, dense)
-        return zs_new, index[:, None]
+        rows, values = jax.vmap(one)(column(next_output), column(count), column(t), z,
+                                     column(dt), column(t_new), z1, dense)
+        # The window's writes padded to every output's (to the spare row): one shape for
+        # both branches of the choice below.
+        pad = every - window
+        return (jnp.pad(rows, ((0, 0), (0, pad)), constant_values=every),
+                jnp.pad(values, ((0, 0), (0, pad), (0, 0))))
 
     # One trajectory's weights at each output time serve all of its state (and one branch
     # compiles faster): it always evaluates at every output time.
-    every = taus.shape[0]
     if z.ndim == 1 or every <= LANE_WINDOW:
-        return fill(every)
-    fits = eqxi.unvmap_max(jnp.max(count)) <= LANE_WINDOW
-    return lax.cond(fits, functools.partial(fill, LANE_WINDOW), functools.partial(fill, every))
+        rows, values = writes(every)
+    else:
+        fits = eqxi.unvmap_max(jnp.max(count)) <= LANE_WINDOW
+        rows, values = lax.cond(fits, functools.partial(writes, LANE_WINDOW),
+                                functools.partial(writes, every))
+    lane = () if z.ndim == 1 else (jnp.arange(z.shape[0])[:, None],)
+    return zs.at[(*lane, rows)].set(values), next_output + count
 
 
-def _fill_outputs(solver, taus, window, zs, index, count, t, z, dt, t_new, z1, dense):
-    """zs with the `count` outputs from `index` on filled by the step's dense output,
-    evaluated at `window` output times (from `index`, or all of them); the others are
-    written to the spare last row, so that a single trajectory's zs can be a loop buffer
-    (each row written once, in bounds)."""
+def _output_rows(solver, taus, window, index, count, t, z, dt, t_new, z1, dense):
+    """(rows, values): the `count` outputs from `index` on by the step's dense output,
+    evaluated at `window` output times (from `index`, or all of them); the rows of the
+    others are the spare last row."""
     num_outputs = taus.shape[0]
     start = 0 if window == num_outputs else index
     indices = start + jnp.arange(window, dtype=index.dtype)
@@ -435,7 +442,7 @@ def _fill_outputs(solver, taus, window, zs, index, count, t, z, dt, t_new, z1, d
     safe_dt = jnp.where(dt == 0, 1, dt)
     values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(tau)
     values = jnp.where((tau == t_new)[:, None], z1, values)
-    return zs.at[jnp.where(write, indices, num_outputs)].set(values), index + count
+    return jnp.where(write, indices, num_outputs), values
 
 
 def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):
