@@ -141,8 +141,9 @@ def solve(
         controller: a `jaxode.PIController` (adaptive solvers); fixed-step solvers use
             `jaxode.ConstantStep()`.
         throw: raise on a run-time failure; False returns it in `Solution.status`.
-        dense: keep every step for `Solution.evaluate` (memory: max_steps x
-            (stages + 2) x the state's size).
+        dense: keep every step for `Solution.evaluate` (memory: max_steps x at most
+            (stages + 2) x the state's size; for the Runge-Kutta methods (degree of their
+            dense output + 1), 5 for dopri5).
         batch_axis: None, or the axis of z0's leaves that indexes a batch of initial
             conditions: each sample gets its own steps (as under `jax.vmap`), zs gets the
             time axis first and the samples at batch_axis + 1, and the backward pass

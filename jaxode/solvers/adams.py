@@ -207,11 +207,9 @@ class _FixedAdams(AbstractSolver):
                                     beta[:, None] * history.phi, 0)
                 a = dt.astype(history.s.dtype) + history.s
                 new = _advance(history, phistar, rk.state, a, self._points, history.order)
-                dense_rk = jnp.tensordot(jnp.asarray(starter.tableau.dense.T, z.dtype),
-                                         rk.dense, 1)
                 multi = self._multistep(f, t, z, dt, history)
                 pick = lambda x, y: jnp.where(starting, x, y)
-                return jax.tree_util.tree_map(pick, (rk.z, _pad(dense_rk, self._dense_rows),
+                return jax.tree_util.tree_map(pick, (rk.z, _pad(rk.dense, self._dense_rows),
                                                      new, jnp.int32(starter.step_nfe),
                                                      jnp.asarray(True)),
                                               multi)

@@ -19,17 +19,6 @@ from .tableau import ButcherTableau, F, lower, pad_rows, poly, quartic_dense
 STAGE_LOOP_SIZE = 256
 
 
-def _combine(weights, stages):
-    """Σ_i w_i K_i over the stage axis of K (..., s + 1, n), unrolled into one fused
-    elementwise loop: as a product it would, vmapped over lanes and output times, become
-    many tiny batched matrix products."""
-    weights = jnp.asarray(weights, stages.dtype)
-    total = weights[..., 0, None] * stages[..., 0, :]
-    for i in range(1, stages.shape[-2]):
-        total = total + weights[..., i, None] * stages[..., i, :]
-    return total
-
-
 def lincomb(coeffs, vectors):
     """Σ c_i v_i for static coefficients, skipping zeros (unrolled while tracing)."""
     terms = [float(c) * v for c, v in zip(coeffs, vectors) if c != 0]
@@ -77,10 +66,13 @@ class ExplicitRK(AbstractSolver):
                 rows.append(f(t + float(tab.c[i]) * dt, z_i))
             z1 = z + dt * lincomb(tab.b, rows)
             rows.append(f(t + dt, z1))
-            stages = jnp.stack(rows, axis=-2)
         # Static weights over the rows: fused elementwise work, no matrix product.
         error = None if tab.b_err is None else dt * lincomb(tab.b_err, rows)
-        return Step(z=z1, error=error, dense=stages, state=rows[-1])
+        # Dense output as the coefficients D_m = Σ_i dense[i, m] K_i of θ^(m+1), once a
+        # step: an output time then costs a Horner evaluation of D, not a weight per stage
+        # (per lane and time, under vmap, recomputed for every element of the state).
+        dense = jnp.stack([lincomb(column, rows) for column in tab.dense.T], axis=-2)
+        return Step(z=z1, error=error, dense=dense, state=rows[-1])
 
     def _looped_stages(self, f, t, z, dt, k1):
         """The stages k_2..k_s and f_1 as rows 1..s of the extended tableau (f_1's row of a
@@ -100,15 +92,15 @@ class ExplicitRK(AbstractSolver):
         stages, z1 = lax.fori_loop(1, s + 1, stage, (stages, z))
         return z1, stages
 
-    def interpolate(self, z0, dt, stages, theta):
-        """z0 + dt Σ_i p_i(θ) K_i, with the tableau's dense-output polynomials p_i."""
-        # Horner's rule per polynomial, in products: a vmapped power would cost a pow per
-        # lane and time, and a cumulative product a scan in its derivative.
+    def interpolate(self, z0, dt, dense, theta):
+        """z0 + dt Σ_m θ^(m+1) D_m from the step's coefficients D (..., degree, n)."""
+        # Horner's rule in products: a vmapped power would cost a pow per lane and time,
+        # and a cumulative product a scan in its derivative.
         theta = jnp.asarray(theta, jnp.real(z0).dtype)
-        weights = 0.0
-        for column in self.tableau.dense.T[::-1]:
-            weights = (weights + jnp.asarray(column, theta.dtype)) * theta
-        return z0 + dt * _combine(weights, stages)
+        total = dense[..., -1, :]
+        for m in range(dense.shape[-2] - 2, -1, -1):
+            total = total * theta + dense[..., m, :]
+        return z0 + dt * theta * total
 
 
 def _v(xs):
