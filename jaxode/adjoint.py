@@ -559,15 +559,8 @@ def _differentiable_solve(adjoint, ff, settings: Settings, z0, ts, params, tols,
     settings = settings._replace(event=event)
     if isinstance(adjoint, Direct):
         settings = settings._replace(forward=settings.forward._replace(checkpointed=True))
-        if lanes and isinstance(settings.forward.solver, ExplicitRK) and not settings.forward.dense:
-            # One loop over a (lanes, n) state, f batched over the lanes: f's own vjp then
-            # sums the shared parameters' cotangent over the lanes at every stage.
-            result = _direct(_batched(converted), settings, z0, ts, params, tuple(consts), tols)
-            squeeze = lambda x: None if x is None else x[:, 0]
-            return result._replace(
-                stats=jax.tree_util.tree_map(squeeze, result.stats), status=squeeze(result.status),
-                dt_next=squeeze(result.dt_next), event_time=squeeze(result.event_time),
-                event_happened=squeeze(result.event_happened))
+        # Lanes are a vmapped solve: each sample's loop, f's vjp summing the shared
+        # parameters' cotangent over the batch.
         run = lambda z0: _direct(converted, settings, z0, ts, params, tuple(consts), tols)
         return jax.vmap(run)(z0) if lanes else run(z0)
     backsolve = _backsolve_lanes if lanes else _backsolve
@@ -586,16 +579,6 @@ def _closure_convert(ff, event, z, t, params):
     converted, consts = jax.closure_convert(pair, z, t, params)
     cond = lambda *args: converted(*args)[1]
     return (lambda *args: converted(*args)[0]), events.Event(cond, event.direction), consts
-
-
-def _batched(ff):
-    """ff(z, t, ...) for a (lanes, n) z at per-lane times t (lanes, 1) or one t."""
-
-    def batched(z, t, *args):
-        t = jnp.broadcast_to(t, z.shape[:-1] + (1,))[:, 0]
-        return jax.vmap(lambda z, t: ff(z, t, *args))(z, t)
-
-    return batched
 
 
 # ------------------------------------------------------------------ parameter views

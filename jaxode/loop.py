@@ -9,7 +9,6 @@ times: `solve` is the one place where the direction is handled.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, NamedTuple
 
@@ -40,7 +39,6 @@ STATUS_MESSAGES = (
 1 max_steps reached, 2 step-size underflow, 3 non-finite state, 4 ts not monotonic."""
 
 SAVE_CHUNK = 4  # outputs filled per pass of the output loop
-LANE_WINDOW = 16  # outputs a lane's differentiated step fills from one window
 
 
 class Static(NamedTuple):
@@ -115,8 +113,8 @@ def solve(f, z0, ts, static: Static, traced: Traced, event: events.Event | None 
     init, step, unfinished, finish = pieces(f_tau, z0, taus, static, traced, event)
     if static.checkpointed:
         # A single trajectory (vmapped or not: equinox's loop masks batched lanes) is
-        # active whenever the body runs; explicit lanes (lanes, n) mask themselves.
-        body = (lambda c: step(c, unfinished(c))[0]) if z0.ndim > 1 else (lambda c: step(c)[0])
+        # active whenever the body runs.
+        body = lambda c: step(c)[0]
         # The history and the outputs are written once per row: as buffers they are
         # neither checkpointed nor carried as cotangents step by step.
         final = eqxi.while_loop(lambda c: jnp.any(unfinished(c)), body, init(),
@@ -234,12 +232,10 @@ class Loop:
         ), (dt, accept)
 
     def _event_value(self, t, z):
-        """cond at (t, z) per lane, held constant under differentiation (as the caller
-        holds cond's parameters)."""
+        """cond at (t, z), held constant under differentiation (as the caller holds cond's
+        parameters). Events are looked for in single trajectories (vmapped or not)."""
         t, z = lax.stop_gradient((t, z))
-        if z.ndim > 1:
-            return jax.vmap(self._event_value)(t, z)
-        return self.event.cond(t.reshape(()), z).astype(self.taus.dtype).reshape(t.shape)
+        return self.event.cond(t, z).astype(self.taus.dtype)
 
     def _stop_at_event(self, c, dt, t_new, attempt, accept):
         """(t_new, attempt, cond's value at t_new, crossed): the step's end moved back to
@@ -259,19 +255,12 @@ class Loop:
             tolerance = jnp.maximum(0.01 * scale / jnp.where(dt == 0, 1, jnp.abs(dt)), 8 * eps)
             return events.locate(value_at, before, after, tolerance)
 
-        lanes = c.z.ndim > 1
-        # Explicit lanes (lanes, n) have times (lanes, 1): each lane's own scalars.
-        per_lane = (lambda fn: lambda *a: jax.vmap(fn)(*a)[:, None]) if lanes else (lambda fn: fn)
-        scalar = (lambda x: x[:, 0]) if lanes else (lambda x: x)
-
         def find():
-            # Lanes without a crossing start (and end) at a root: θ = 1.
-            args = lax.stop_gradient((scalar(c.t), c.z, scalar(dt), attempt.dense,
-                                      scalar(c.event_value), scalar(jnp.where(hit, after, 0)),
-                                      scalar(t_new)))
-            theta = jnp.where(hit, per_lane(root)(*args), 1)
-            interpolate = jax.vmap(self.solver.interpolate) if lanes else self.solver.interpolate
-            z_hit = interpolate(c.z, scalar(dt), attempt.dense, scalar(theta))
+            # Lanes (of a vmapped solve) without a crossing start (and end) at a root: θ = 1.
+            args = lax.stop_gradient((c.t, c.z, dt, attempt.dense, c.event_value,
+                                      jnp.where(hit, after, 0), t_new))
+            theta = jnp.where(hit, root(*args), 1)
+            z_hit = self.solver.interpolate(c.z, dt, attempt.dense, theta)
             return theta, jnp.where(theta == 1, attempt.z, z_hit)
 
         # Only a step in which some lane crossed looks for the root and interpolates.
@@ -393,56 +382,21 @@ def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
 
 def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """As `_save`, with no loop to differentiate: the outputs the step passed are written
-    from the dense output at every output time, or, for lanes (z of shape (lanes, n),
-    dense with a leading lane axis, each saving its own), at the LANE_WINDOW output times
-    from each lane's next output when that holds all of the step's (each lane at its own
-    θ, every output time would cost O(len(ts)) a step and lane). One scatter writes them,
-    each output row once, so that zs can be a buffer of the checkpointed loop."""
-    # How many outputs each lane's step passed: those in (t, t_new].
+    from the dense output at every output time (one trajectory's weights at each serve
+    all of its state), in one scatter that writes each output row once, so that zs can
+    be a buffer of the checkpointed loop."""
+    num_outputs = taus.shape[0]
+    # How many outputs the step passed: those in (t, t_new].
     count = jnp.searchsorted(taus, t_new, side="right").astype(next_output.dtype) - next_output
     count = jnp.where(accept, count, 0)
-    every = taus.shape[0]
-
-    def writes(window):
-        one = functools.partial(_output_rows, solver, taus, window)
-        if z.ndim == 1:
-            return one(next_output, count, t, z, dt, t_new, z1, dense)
-        column = lambda x: x[:, 0]
-        rows, values = jax.vmap(one)(column(next_output), column(count), column(t), z,
-                                     column(dt), column(t_new), z1, dense)
-        # The window's writes padded to every output's (to the spare row): one shape for
-        # both branches of the choice below.
-        pad = every - window
-        return (jnp.pad(rows, ((0, 0), (0, pad)), constant_values=every),
-                jnp.pad(values, ((0, 0), (0, pad), (0, 0))))
-
-    # One trajectory's weights at each output time serve all of its state (and one branch
-    # compiles faster): it always evaluates at every output time.
-    if z.ndim == 1 or every <= LANE_WINDOW:
-        rows, values = writes(every)
-    else:
-        fits = eqxi.unvmap_max(jnp.max(count)) <= LANE_WINDOW
-        rows, values = lax.cond(fits, functools.partial(writes, LANE_WINDOW),
-                                functools.partial(writes, every))
-    lane = () if z.ndim == 1 else (jnp.arange(z.shape[0])[:, None],)
-    return zs.at[(*lane, rows)].set(values), next_output + count
-
-
-def _output_rows(solver, taus, window, index, count, t, z, dt, t_new, z1, dense):
-    """(rows, values): the `count` outputs from `index` on by the step's dense output,
-    evaluated at `window` output times (from `index`, or all of them); the rows of the
-    others are the spare last row."""
-    num_outputs = taus.shape[0]
-    start = 0 if window == num_outputs else index
-    indices = start + jnp.arange(window, dtype=index.dtype)
-    write = (indices >= index) & (indices < index + count)
-    tau = taus[jnp.minimum(indices, num_outputs - 1)]
+    indices = jnp.arange(num_outputs, dtype=next_output.dtype)
+    write = (indices >= next_output) & (indices < next_output + count)
     # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
     # here would leak through the mask into the gradient.
     safe_dt = jnp.where(dt == 0, 1, dt)
-    values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(tau)
-    values = jnp.where((tau == t_new)[:, None], z1, values)
-    return jnp.where(write, indices, num_outputs), values
+    values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(taus)
+    values = jnp.where((taus == t_new)[:, None], z1, values)
+    return zs.at[jnp.where(write, indices, num_outputs)].set(values), next_output + count
 
 
 def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):

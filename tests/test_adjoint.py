@@ -563,11 +563,9 @@ def test_lanes_backward_nfe_counts_the_quadrature():
 
 
 @pytest.mark.parametrize("num_outputs", [5, 40, 400])
-def test_direct_with_batch_axis_is_one_lane_loop_matching_vmap(num_outputs):
-    """Direct + batch_axis runs one loop over a (lanes, n) state (f batched, so its vjp
-    sums the shared parameters' cotangent): the same values and gradient as jax.vmap.
-    Its steps save their outputs at every output time (5), from a window (40: a step
-    passes a few), or, in steps that pass more than the window holds, at every one (400)."""
+def test_direct_with_batch_axis_matches_vmap(num_outputs):
+    """Direct + batch_axis (each sample its own steps): the same values and gradient as
+    jax.vmap of single solves, with few outputs (5), a few a step (40) and many (400)."""
     z0s = jnp.stack([Z0_SMALL, 2 * Z0_SMALL, 0.5 * Z0_SMALL])
     ts = jnp.linspace(0.0, 2.0, num_outputs)
 
