@@ -77,7 +77,7 @@ def config(quick: bool) -> dict:
     return dict(quick=False, repeats=11, compile_repeats=3, torch_repeats=5,
                 torch_default_threads=True, torch_seminorm=True, count_all=True,
                 sweep_rtols=SWEEP_RTOLS, memory_steps=MEMORY_STEPS,
-                memory_systems=(BS, DIRECT, DFX_BS, DFX_RC), vmap_repeats=3)
+                memory_systems=(BS, DIRECT, DFX_BS, DFX_RC), vmap_repeats=9)
 
 
 # ================================================================ the workload
