@@ -382,9 +382,8 @@ def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
 
 def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """As `_save`, with no loop to differentiate: the outputs the step passed are written
-    from the dense output at every output time (one trajectory's weights at each serve
-    all of its state), in one scatter that writes each output row once, so that zs can
-    be a buffer of the checkpointed loop."""
+    from the dense output at every output time, in one scatter that writes each output
+    row once, so that zs can be a buffer of the checkpointed loop."""
     num_outputs = taus.shape[0]
     # How many outputs the step passed: those in (t, t_new].
     count = jnp.searchsorted(taus, t_new, side="right").astype(next_output.dtype) - next_output

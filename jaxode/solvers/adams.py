@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 
 from .base import AbstractSolver, Step
-from .rk import RK4, Bosh3, Dopri5, Dopri8, Heun
+from .rk import RK4, Bosh3, Dopri5, Dopri8, Heun, polynomial
 
 MAX_FIXED_ORDER = 8
 
@@ -138,13 +138,6 @@ def _pad(x, rows):
     return jnp.concatenate([x, jnp.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
-def _interpolate(z0, dt, dense, theta):
-    """z0 + dt Σ_m θ^(m+1) D_m."""
-    real = jnp.real(z0).dtype
-    powers = jnp.asarray(theta, real) ** jnp.arange(1, dense.shape[0] + 1, dtype=real)
-    return z0 + dt * jnp.tensordot(powers.astype(dense.dtype), dense, 1)
-
-
 # The Runge-Kutta method that starts a fixed-step method of each order (at least that
 # order, so that the start does not lower the global order).
 _STARTERS = {1: None, 2: Heun(), 3: Bosh3(), 4: RK4(), 5: Dopri5(), 6: Dopri8(), 7: Dopri8(),
@@ -223,7 +216,7 @@ class _FixedAdams(AbstractSolver):
         return Step(z=z1, error=None, dense=dense, state=new, stats={"nfe": nfe})
 
     def interpolate(self, z0, dt, dense, theta):
-        return _interpolate(z0, dt, dense, theta)
+        return polynomial(z0, dt, dense, theta)
 
 
 class ExplicitAdams(_FixedAdams):

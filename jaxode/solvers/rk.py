@@ -93,14 +93,18 @@ class ExplicitRK(AbstractSolver):
         return z1, stages
 
     def interpolate(self, z0, dt, dense, theta):
-        """z0 + dt Σ_m θ^(m+1) D_m from the step's coefficients D (..., degree, n)."""
-        # Horner's rule in products: a vmapped power would cost a pow per lane and time,
-        # and a cumulative product a scan in its derivative.
-        theta = jnp.asarray(theta, jnp.real(z0).dtype)
-        total = dense[..., -1, :]
-        for m in range(dense.shape[-2] - 2, -1, -1):
-            total = total * theta + dense[..., m, :]
-        return z0 + dt * theta * total
+        return polynomial(z0, dt, dense, theta)
+
+
+def polynomial(z0, dt, coefficients, theta):
+    """z0 + dt Σ_m θ^(m+1) D_m for coefficients D (..., degree, n), by Horner's rule in
+    products (a vmapped power would cost a pow per lane and time, and a cumulative
+    product a scan in its derivative)."""
+    theta = jnp.asarray(theta, jnp.real(z0).dtype)
+    total = coefficients[..., -1, :]
+    for m in range(coefficients.shape[-2] - 2, -1, -1):
+        total = total * theta + coefficients[..., m, :]
+    return z0 + dt * theta * total
 
 
 def _v(xs):
