@@ -563,14 +563,16 @@ def test_lanes_backward_nfe_counts_the_quadrature():
 
 
 @pytest.mark.parametrize("num_outputs", [5, 40, 400])
-def test_direct_with_batch_axis_matches_vmap(num_outputs):
+def test_direct_with_batch_axis_matches_vmap_and_backsolve(num_outputs):
     """Direct + batch_axis (each sample its own steps): the same values and gradient as
-    jax.vmap of single solves, with few outputs (5), a few a step (40) and many (400)."""
+    jax.vmap of single solves, with few outputs (5), a few a step (40) and many (400).
+    Its outputs (written by the checkpointed loop into its output buffer) equal those of
+    the forward solve's chunked output loop, and its gradient is Backsolve's."""
     z0s = jnp.stack([Z0_SMALL, 2 * Z0_SMALL, 0.5 * Z0_SMALL])
     ts = jnp.linspace(0.0, 2.0, num_outputs)
 
-    def lanes(p):
-        return jaxode.odeint(_decay, z0s, ts, p, adjoint="direct", batch_axis=0, rtol=1e-9,
+    def lanes(p, adjoint="direct"):
+        return jaxode.odeint(_decay, z0s, ts, p, adjoint=adjoint, batch_axis=0, rtol=1e-9,
                              atol=1e-9)
 
     def vmapped(p):
@@ -578,5 +580,9 @@ def test_direct_with_batch_axis_matches_vmap(num_outputs):
                                                 atol=1e-9), out_axes=1)(z0s)
 
     np.testing.assert_allclose(lanes(P0), vmapped(P0), rtol=1e-13)
-    loss = lambda fn: (lambda p: jnp.sum(fn(p) ** 2))
-    np.testing.assert_allclose(jax.grad(loss(lanes))(P0), jax.grad(loss(vmapped))(P0), rtol=1e-11)
+    np.testing.assert_allclose(lanes(P0), lanes(P0, "backsolve"),
+                               rtol=1e-13, atol=1e-15)
+    loss = lambda fn, *a: (lambda p: jnp.sum(fn(p, *a) ** 2))
+    grad = jax.grad(loss(lanes))(P0)
+    np.testing.assert_allclose(grad, jax.grad(loss(vmapped))(P0), rtol=1e-11)
+    np.testing.assert_allclose(grad, jax.grad(loss(lanes, "backsolve"))(P0), rtol=1e-6)
