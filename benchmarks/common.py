@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -187,3 +189,25 @@ def table(title: str, headers: list[str], rows: list[list], note: str = "") -> s
     if note:
         lines.append(note)
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- results
+
+
+def jsonable(x):
+    """JSON for NumPy and JAX scalars and arrays; anything else as its string."""
+    if hasattr(x, "__array__"):
+        x = np.asarray(x)
+        return x.item() if x.ndim == 0 else x.tolist()
+    return str(x)
+
+
+def write_results(results: dict, path) -> Path:
+    """results as indented JSON at path (its folder made if need be), said on stdout with
+    the run's wall time when results["meta"] holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=jsonable))
+    wall = results.get("meta", {}).get("wall_s")
+    print(f"results written to {path}" + ("" if wall is None else f" ({wall:.0f} s)"))
+    return path

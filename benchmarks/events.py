@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -72,6 +71,7 @@ from .common import (
     table,
     time_interleaved,
     us,
+    write_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,13 +262,19 @@ def torch_ball(rtol, atol):
 
         return run
 
-    return {
-        "torchdiffeq odeint_event": runner("torchdiffeq odeint_event", None, False),
-        "torchdiffeq odeint_event + odeint_adjoint": runner(
-            "torchdiffeq odeint_event + odeint_adjoint", torchdiffeq.odeint_adjoint, True),
-        "torchdiffeq odeint_event + odeint (backprop)": runner(
-            "torchdiffeq odeint_event + odeint (backprop)", torchdiffeq.odeint, True),
-    }, nfe
+    return torch_variants(runner), nfe
+
+
+def torch_variants(runner, suffix=""):
+    """{name: runner(name, interface, grad)} for torchdiffeq's event solve alone and
+    differentiated by odeint_adjoint and by backprop through odeint."""
+    import torchdiffeq
+
+    variants = (("odeint_event", None, False),
+                ("odeint_event + odeint_adjoint", torchdiffeq.odeint_adjoint, True),
+                ("odeint_event + odeint (backprop)", torchdiffeq.odeint, True))
+    return {f"torchdiffeq {label}{suffix}": runner(f"torchdiffeq {label}{suffix}", interface, grad)
+            for label, interface, grad in variants}
 
 
 def section_ball(cfg) -> dict:
@@ -540,13 +546,7 @@ def torch_mlp(params_np, event_params, z0_np, rtol, atol):
 
         return run
 
-    return {
-        "torchdiffeq odeint_event loop": runner("torchdiffeq odeint_event loop", None, False),
-        "torchdiffeq odeint_event + odeint_adjoint loop": runner(
-            "torchdiffeq odeint_event + odeint_adjoint loop", torchdiffeq.odeint_adjoint, True),
-        "torchdiffeq odeint_event + odeint (backprop) loop": runner(
-            "torchdiffeq odeint_event + odeint (backprop) loop", torchdiffeq.odeint, True),
-    }, nfe
+    return torch_variants(runner, " loop"), nfe
 
 
 def section_mlp(cfg) -> dict:
@@ -916,10 +916,7 @@ def main(argv=None) -> None:
             results[name]["wall_s"] = time.perf_counter() - start
             print(f"  {name}: {results[name]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     results["meta"]["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=float))
-    print(f"results written to {out} ({results['meta']['wall_s']:.0f} s)")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

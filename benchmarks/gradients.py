@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import math
 import os
 import platform
@@ -42,7 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import counting, fmt, mlp_field, mlp_params, ms, table, time_interleaved
+from .common import (
+    counting,
+    fmt,
+    mlp_field,
+    mlp_params,
+    ms,
+    table,
+    time_interleaved,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("time", "memory", "vmap")
@@ -893,14 +901,6 @@ def section_vmap(cfg: dict, ref: dict, skip_slow: bool) -> dict:
 # ================================================================ driver
 
 
-def _jsonable(x):
-    if isinstance(x, (np.integer, np.floating, np.bool_)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
 def _git_state() -> dict:
     """The commit benchmarked and whether jaxode/ had uncommitted changes."""
     def git(*command):
@@ -964,10 +964,7 @@ def main(argv=None) -> None:
     if "vmap" in args.section:
         results["vmap"] = section_vmap(cfg, ref, args.skip_slow or args.quick)
     results["meta"]["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=_jsonable))
-    print(f"results written to {out} ({results['meta']['wall_s']:.0f} s)")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import fmt, ms, paired_ratio, ratio, table, time_interleaved
+from .common import fmt, ms, paired_ratio, ratio, table, time_interleaved, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -583,10 +583,7 @@ def main(argv=None) -> None:
             subprocess.run(command, check=True, cwd=ROOT)
             results["latent_ode_float64"] = json.loads(path.read_text())
     results["meta"]["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=float))
-    print(f"results written to {out} ({results['meta']['wall_s']:.0f} s)")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

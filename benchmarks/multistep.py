@@ -39,7 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import counting, fmt, mlp_field, mlp_params, ms, table, time_interleaved
+from .common import (
+    counting,
+    fmt,
+    mlp_field,
+    mlp_params,
+    ms,
+    table,
+    time_interleaved,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("classic", "mlp", "odenet")
@@ -357,10 +366,7 @@ def main(argv=None):
     sections = {"classic": section_classic, "mlp": section_mlp, "odenet": section_odenet}
     for name in args.section:
         results[name] = sections[name](cfg)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=float))
-    print(f"results written to {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .common import (
     counting,
     first_call,
     fmt,
+    jsonable,
     mlp_field,
     mlp_params,
     ms,
@@ -41,6 +42,7 @@ from .common import (
     table,
     time_interleaved,
     us,
+    write_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -562,13 +564,7 @@ def worker(args) -> None:
     results = {}
     for section in sorted(args.section):
         results[section] = RUNNERS[section](cfg, cache)
-    Path(args.json).write_text(json.dumps(results, default=_jsonable))
-
-
-def _jsonable(x):
-    if isinstance(x, (np.integer, np.floating, np.bool_)):
-        return x.item()
-    return str(x)
+    Path(args.json).write_text(json.dumps(results, default=jsonable))
 
 
 def _meta(args) -> dict:
@@ -627,10 +623,7 @@ def main(argv=None) -> None:
                 command.append("--quick")
             subprocess.run(command, env=env, cwd=ROOT, check=True)
             results.update(json.loads(out.read_text()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=_jsonable))
-    print(f"results written to {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
