@@ -385,17 +385,14 @@ def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, acce
     from the dense output at every output time, in one scatter that writes each output
     row once, so that zs can be a buffer of the checkpointed loop."""
     num_outputs = taus.shape[0]
-    # How many outputs the step passed: those in (t, t_new].
-    count = jnp.searchsorted(taus, t_new, side="right").astype(next_output.dtype) - next_output
-    count = jnp.where(accept, count, 0)
-    indices = jnp.arange(num_outputs, dtype=next_output.dtype)
-    write = (indices >= next_output) & (indices < next_output + count)
+    write = accept & (taus > t) & (taus <= t_new)  # the outputs the step passed
     # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
     # here would leak through the mask into the gradient.
     safe_dt = jnp.where(dt == 0, 1, dt)
     values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(taus)
     values = jnp.where((taus == t_new)[:, None], z1, values)
-    return zs.at[jnp.where(write, indices, num_outputs)].set(values), next_output + count
+    rows = jnp.where(write, jnp.arange(num_outputs), num_outputs)
+    return zs.at[rows].set(values), next_output + jnp.sum(write, dtype=next_output.dtype)
 
 
 def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):
