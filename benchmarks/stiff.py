@@ -163,8 +163,6 @@ def reference(field, y0, t_end, params, floor):
 
 
 def work_precision(names, tols, repeats, ladder=LADDER):
-    import jax
-
     rows, records = [], []
     for pname in names:
         field, y0, t_end, params, atol_ratio, floor = problems()[pname]
@@ -174,14 +172,8 @@ def work_precision(names, tols, repeats, ladder=LADDER):
             atol = atol_ratio * rtol
             per = {}
             for system in ("jaxode kvaerno5", "jaxode rodas5p", "diffrax Kvaerno5"):
-                compiled, compile_s, args = _jax_system(system, field, y0, t_end, params, rtol,
-                                                        atol)
-                y_end, steps, jacs, status = jax.block_until_ready(compiled(*args))
-                run_s = _median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
-                ok = int(status) == 0
-                per[system] = dict(error=error(y_end) if ok else None, steps=int(steps),
-                                   jacobians=int(jacs), time=run_s, compile=compile_s,
-                                   ok=ok)
+                per[system] = _measure(system, field, y0, t_end, params, rtol, atol, error,
+                                       repeats)
             for method in ("Radau", "BDF", "LSODA"):
                 call = _scipy(method, field, y0, t_end, params, rtol, atol)
                 sol = call()
@@ -190,7 +182,6 @@ def work_precision(names, tols, repeats, ladder=LADDER):
                     error=error(sol.y[:, -1]) if sol.success else None, steps=len(sol.t) - 1,
                     jacobians=int(sol.njev), time=run_s, compile=None, ok=bool(sol.success))
             for system, r in per.items():
-                records.append(dict(problem=pname, rtol=rtol, system=system, **r))
                 rows.append([pname, f"{rtol:.0e}", system, fmt(r["error"], ".2e"),
                              fmt(r["steps"]), fmt(r["jacobians"]), ms(r["time"]),
                              "-" if r["compile"] is None else f"{r['compile']:.2f}"])
@@ -206,6 +197,8 @@ def work_precision(names, tols, repeats, ladder=LADDER):
                          f"{per['jaxode kvaerno5']['vs_diffrax_compile']:.2f}x dfx",
                          f"rodas {per['jaxode rodas5p']['vs_diffrax_time']:.2f}x dfx",
                          f"{per['jaxode rodas5p']['vs_scipy_best_time']:.3f}x scipy", "", ""])
+            records += [dict(problem=pname, rtol=rtol, system=system, **r)
+                        for system, r in per.items()]
             print(f"  {pname} rtol={rtol:.0e} done", flush=True)
         records += _ladder(pname, field, y0, t_end, params, atol_ratio, error, repeats, ladder)
     print(table("(a) work-precision, error at t_end vs Radau 1e-12",
@@ -216,20 +209,25 @@ def work_precision(names, tols, repeats, ladder=LADDER):
 
 def _ladder(pname, field, y0, t_end, params, atol_ratio, error, repeats, tols):
     """jaxode's two solvers at the ladder's tolerances: error and time (compiled once)."""
+    # One compile each, not timed: the compile figures are the grid's medians of three.
+    return [{"problem": pname, "rtol": rtol, "system": system, "ladder": True,
+             **_measure(system, field, y0, t_end, params, rtol, atol_ratio * rtol, error,
+                        repeats, compiles=1), "compile": None}
+            for rtol in tols for system in ("jaxode kvaerno5", "jaxode rodas5p")]
+
+
+def _measure(system, field, y0, t_end, params, rtol, atol, error, repeats, compiles=3):
+    """One JAX system's run: error (None if it failed), steps, Jacobians, median time and
+    compile seconds."""
     import jax
 
-    records = []
-    for rtol in tols:
-        for system in ("jaxode kvaerno5", "jaxode rodas5p"):
-            compiled, _, args = _jax_system(system, field, y0, t_end, params, rtol,
-                                            atol_ratio * rtol, compiles=1)
-            y_end, steps, jacs, status = jax.block_until_ready(compiled(*args))
-            run_s = _median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
-            ok = int(status) == 0
-            records.append(dict(problem=pname, rtol=rtol, system=system, ladder=True,
-                                error=error(y_end) if ok else None, steps=int(steps),
-                                jacobians=int(jacs), time=run_s, compile=None, ok=ok))
-    return records
+    compiled, compile_s, args = _jax_system(system, field, y0, t_end, params, rtol, atol,
+                                            compiles)
+    y_end, steps, jacs, status = jax.block_until_ready(compiled(*args))
+    run_s = _median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    ok = int(status) == 0
+    return dict(error=error(y_end) if ok else None, steps=int(steps), jacobians=int(jacs),
+                time=run_s, compile=compile_s, ok=ok)
 
 
 def at_equal_error(records):
