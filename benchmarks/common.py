@@ -149,6 +149,29 @@ def mlp_field(z, t, params):
 # ---------------------------------------------------------------- printing
 
 
+def torch_mlp_field(params_np, dtype):
+    """`mlp_field` as a torch module f(t, z) for z (..., 2), counting its calls in .nfe."""
+    import torch
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.from_numpy(np.array(a, dtype)))
+                 for layer in params_np for a in layer])
+            self.nfe = 0
+
+        def forward(self, t, z):
+            self.nfe += 1
+            w1, b1, w2, b2, w3, b3 = self.weights
+            time = t.reshape([1] * z.dim()).expand(*z.shape[:-1], 1).to(z.dtype)
+            h = torch.tanh(torch.cat([z, time], dim=-1) @ w1 + b1)
+            h = torch.tanh(h @ w2 + b2)
+            return h @ w3 + b3
+
+    return Field()
+
+
 def fmt(x, spec: str = ".3g") -> str:
     if x is None:
         return "-"
@@ -192,6 +215,19 @@ def table(title: str, headers: list[str], rows: list[list], note: str = "") -> s
 
 
 # ---------------------------------------------------------------- results
+
+
+def versions(names) -> dict:
+    """{package: installed version, or None}."""
+    import importlib.metadata as md
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def jsonable(x):

@@ -70,7 +70,9 @@ from .common import (
     ms,
     table,
     time_interleaved,
+    torch_mlp_field,
     us,
+    versions,
     write_results,
 )
 
@@ -494,23 +496,7 @@ def torch_mlp(params_np, event_params, z0_np, rtol, atol):
     import torch
     import torchdiffeq
 
-    class Field(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weights = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.from_numpy(np.array(a, np.float64)))
-                 for layer in params_np for a in layer])
-            self.nfe = 0
-
-        def forward(self, t, z):
-            self.nfe += 1
-            w1, b1, w2, b2, w3, b3 = self.weights
-            h = torch.cat([z, t.reshape(1).to(z.dtype)], dim=-1)
-            h = torch.tanh(h @ w1 + b1)
-            h = torch.tanh(h @ w2 + b2)
-            return h @ w3 + b3
-
-    field = Field()
+    field = torch_mlp_field(params_np, np.float64)
     ep = tuple(torch.from_numpy(np.array(a, np.float64)) for a in event_params)
     event_fn = lambda t, z: event_value(z, ep, torch)
     t0 = torch.tensor(0.0, dtype=torch.float64)
@@ -869,17 +855,10 @@ def _git_state() -> dict:
 
 
 def _meta(args, cfg) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("jax", "jaxlib", "equinox", "diffrax", "optimistix", "torch", "torchdiffeq",
-                 "jaxode"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
+    found = versions(("jax", "jaxlib", "equinox", "diffrax", "optimistix", "torch",
+                      "torchdiffeq", "jaxode"))
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "sections": list(args.section), "quick": args.quick, "versions": versions,
+            "sections": list(args.section), "quick": args.quick, "versions": found,
             "python": platform.python_version(), "machine": platform.platform(),
             "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS"),
             "jaxode_source": _git_state(),

@@ -49,6 +49,8 @@ from .common import (
     ms,
     table,
     time_interleaved,
+    torch_mlp_field,
+    versions,
     write_results,
 )
 
@@ -355,23 +357,7 @@ def torch_systems(params_np, z0_np, ts_np, default_threads: bool, seminorm: bool
     import torch
     import torchdiffeq
 
-    class Field(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weights = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.from_numpy(np.array(a, np.float32)))
-                 for layer in params_np for a in layer])
-            self.nfe = 0
-
-        def forward(self, t, z):
-            self.nfe += 1
-            w1, b1, w2, b2, w3, b3 = self.weights
-            h = torch.cat([z, t.reshape(1, 1).expand(z.shape[0], 1).to(z.dtype)], dim=-1)
-            h = torch.tanh(h @ w1 + b1)
-            h = torch.tanh(h @ w2 + b2)
-            return h @ w3 + b3
-
-    field = Field()
+    field = torch_mlp_field(params_np, np.float32)
     z0, ts = torch.from_numpy(z0_np), torch.from_numpy(ts_np)
     default = torch.get_num_threads()
     nfe = {}
@@ -915,18 +901,11 @@ def _git_state() -> dict:
 
 
 def _meta(args) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("jax", "jaxlib", "equinox", "diffrax", "torch", "torchdiffeq", "jaxode"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
+    found = versions(("jax", "jaxlib", "equinox", "diffrax", "torch", "torchdiffeq", "jaxode"))
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "sections": list(args.section), "quick": args.quick, "skip_slow": args.skip_slow,
-        "versions": versions, "python": platform.python_version(),
+        "versions": found, "python": platform.python_version(),
         "machine": platform.platform(), "cpu_count": os.cpu_count(),
         "config": config(args.quick), "jaxode_source": _git_state(),
     }

@@ -42,6 +42,7 @@ from .common import (
     table,
     time_interleaved,
     us,
+    versions,
     write_results,
 )
 
@@ -568,15 +569,9 @@ def worker(args) -> None:
 
 
 def _meta(args) -> dict:
-    import importlib.metadata as md
+    found = versions(("jax", "jaxlib", "equinox", "diffrax", "torch", "torchdiffeq", "scipy",
+                      "jaxode"))
 
-    versions = {}
-    for name in ("jax", "jaxlib", "equinox", "diffrax", "torch", "torchdiffeq", "scipy",
-                 "jaxode"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
     def git(*cmd):
         try:
             return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
@@ -588,7 +583,7 @@ def _meta(args) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git("rev-parse", "HEAD"),
         "jaxode_dirty": bool(git("status", "--porcelain", "jaxode")),
-        "sections": sorted(args.section), "quick": args.quick, "versions": versions,
+        "sections": sorted(args.section), "quick": args.quick, "versions": found,
         "python": platform.python_version(), "machine": platform.platform(),
         "cpu_count": os.cpu_count(), "config": config(args.quick),
     }
