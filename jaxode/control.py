@@ -19,9 +19,15 @@ def rms_norm(x):
     return jnp.sqrt(jnp.mean(jnp.square(jnp.abs(x)), axis=-1, keepdims=x.ndim > 1))
 
 
+def relative(x, scale):
+    """x / scale, where 0 / 0 is 0: a component that is exactly zero, measured against a
+    zero scale (atol = 0 at a zero state), is exact rather than NaN ("non-finite")."""
+    return jnp.where(x == 0, 0, x / scale)
+
+
 def error_ratio(error, z0, z1, rtol, atol):
     """Hairer's norm of error / (atol + rtol max(|z0|, |z1|)); a step passes when <= 1."""
-    return rms_norm(error / (atol + rtol * jnp.maximum(jnp.abs(z0), jnp.abs(z1))))
+    return rms_norm(relative(error, atol + rtol * jnp.maximum(jnp.abs(z0), jnp.abs(z1))))
 
 
 class AbstractController(eqx.Module):
@@ -108,11 +114,12 @@ def initial_step(f, t0, z0, f0, order, rtol, atol, error_size=None):
     evaluation of f, given f0 = f(t0, z0); only z[..., :error_size] is measured."""
     part = (..., slice(error_size))
     scale = atol + rtol * jnp.abs(z0[part])
-    d0, d1 = rms_norm(z0[part] / scale), rms_norm(f0[part] / scale)
-    dt0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-    d2 = rms_norm((f(t0 + dt0, z0 + dt0 * f0) - f0)[part] / scale) / dt0
+    d0, d1 = rms_norm(relative(z0[part], scale)), rms_norm(relative(f0[part], scale))
+    # d1 = inf (not NaN): f moves a component that is zero with atol = 0, and there is no
+    # scale to size the step by; the smallest first guess then, as for a resting state.
+    dt0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5) | (d1 == jnp.inf), 1e-6, 0.01 * d0 / d1)
+    d2 = rms_norm(relative((f(t0 + dt0, z0 + dt0 * f0) - f0)[part], scale)) / dt0
     largest = jnp.maximum(d1, d2)
-    dt1 = jnp.where(
-        largest <= 1e-15, jnp.maximum(1e-6, dt0 * 1e-3), (0.01 / largest) ** (1.0 / (order + 1))
-    )
+    dt1 = jnp.where((largest <= 1e-15) | (largest == jnp.inf), jnp.maximum(1e-6, dt0 * 1e-3),
+                    (0.01 / largest) ** (1.0 / (order + 1)))
     return jnp.minimum(100 * dt0, dt1)

@@ -34,6 +34,27 @@ def test_error_ratio_of_complex_state_uses_modulus():
     np.testing.assert_allclose(error_ratio(jnp.array([1e-3j]), z, z, 1e-3, 0.0), 0.2, rtol=1e-12)
 
 
+def test_zero_component_against_zero_atol_is_exact_not_nonfinite():
+    zero = jnp.array([1.0, 0.0])
+    # 0 / 0 at the zero component counts as 0; a nonzero error there is infinitely large.
+    np.testing.assert_allclose(error_ratio(jnp.array([1e-3, 0.0]), zero, zero, 1e-3, 0.0),
+                               np.sqrt(0.5), rtol=1e-12)
+    assert float(error_ratio(jnp.array([0.0, 1e-9]), zero, zero, 1e-3, 0.0)) == np.inf
+
+
+@pytest.mark.parametrize("field", [
+    lambda z, t, p: jnp.stack([z[1], -z[0]]),  # the zero component moves at once
+    lambda z, t, p: jnp.stack([-z[0], 0.0 * z[1]]),  # the zero component stays zero
+], ids=["oscillator", "resting"])
+def test_pure_relative_tolerance_with_a_zero_component_solves(field):
+    ts = jnp.linspace(0.0, 3.0, 4)
+    z0 = jnp.array([1.0, 0.0])
+    sol = jaxode.solve(field, z0, ts, rtol=1e-6, atol=0.0, throw=False)
+    reference = jaxode.solve(field, z0, ts, rtol=1e-6, atol=1e-12)
+    assert int(sol.status) == 0
+    np.testing.assert_allclose(sol.zs, reference.zs, rtol=1e-4, atol=1e-6)
+
+
 def test_integral_controller_factor():
     accept, dt_next, state = adapt(PIController(), scaled(0.5))
     assert bool(accept) and state is None  # the integral controller carries nothing
