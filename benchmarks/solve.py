@@ -6,10 +6,15 @@
     modes: NFE, steady-state time, first-call (trace + compile + run) time;
 (b) work-precision on four classic problems in float64: error at the final time
     against scipy's DOP853 at 1e-13, NFE, time per solve;
-(c) overhead of the solver loop: solve time / (NFE x time of one evaluation of f).
+(c) overhead of the solver loop: solve time / (NFE x time of one evaluation of f);
+(d) section (b) again, with XLA:CPU's small-loop path opened to every library
+    (`SMALL_LOOP_FLAGS`): a while loop whose one iteration touches fewer bytes than a
+    threshold (1 KiB by default) is compiled into one function instead of running its
+    body kernel by kernel, which is what a 2-4 dimensional solve's steps cost here.
 
-Sections run in child processes grouped by precision ((a)+(c) float32, (b) float64),
-so x64 settings never mix. Tables go to stdout, everything to bench_results/solve.json.
+Sections run in child processes grouped by precision and XLA flags ((a)+(c) float32,
+(b) float64, (d) float64 with the flag), so settings never mix. Tables go to stdout,
+everything to bench_results/solve.json.
 """
 
 from __future__ import annotations
@@ -47,8 +52,12 @@ from .common import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("a", "b", "c")
-GROUPS = {"float32": ("a", "c"), "float64": ("b",)}
+SECTIONS = ("a", "b", "c", "d")
+GROUPS = {"float32": ("a", "c"), "float64": ("b",), "float64-small-loop": ("d",)}
+# What a user of small systems can set (docs/guides/solvers.md): 16 KiB takes in every
+# classic problem's loop here, dopri8's on four states included, and no neural-ODE loop.
+SMALL_LOOP_FLAGS = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=16384"
+GROUP_FLAGS = {"float64-small-loop": SMALL_LOOP_FLAGS}
 
 # (a) and (c): the neural-ODE workload.
 RTOL_A, ATOL_A = 1e-5, 1e-7
@@ -420,12 +429,19 @@ def _b_solver(system, method, problem, field):
     return fn
 
 
-def section_b(cfg: dict, cache: dict) -> dict:
+def _loop_is_one_function(jitted, *args) -> bool:
+    """Whether XLA:CPU compiled the solve's main while loop into one function (its
+    entry computation then holds no while)."""
+    text = jitted.lower(*args).compile().as_text()
+    return " while(" not in text.split("\nENTRY ")[1]
+
+
+def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
     import jax
     import jax.numpy as jnp
     from scipy.integrate import solve_ivp
 
-    assert jax.config.jax_enable_x64, "section (b) runs in float64"
+    assert jax.config.jax_enable_x64, f"section ({name}) runs in float64"
     tols = cfg["tols_b"]
     rows = []
     for problem, (f, y0_list, t_end) in PROBLEMS_B.items():
@@ -442,6 +458,7 @@ def section_b(cfg: dict, cache: dict) -> dict:
                 # Timed through jax.jit: calling the compiled executable itself costs
                 # 25-90 us more a call here, which would pull small problems' ratios to 1.
                 compiled = jax.jit(lambda *a, solver=solver: solver(*a)[0])
+                one_function = _loop_is_one_function(compiled, y0, tol0, tol0)
                 counter = [0]
                 counted = jax.jit(_b_solver(system, method, problem, counting(
                     lambda y, t, p, f=f: f(y, t, jnp), counter)))
@@ -454,6 +471,7 @@ def section_b(cfg: dict, cache: dict) -> dict:
                         "error": float(np.max(np.abs(y_end - ref))),
                         "nfe": counter[0], "steps": int(steps),
                         "compile_s": first["lower"] + first["compile"],
+                        "loop_one_function": one_function,
                     }
                     timed[f"{system}/{tol}"] = (
                         lambda c=compiled, t=tol_: c(y0, t, t))
@@ -467,21 +485,26 @@ def section_b(cfg: dict, cache: dict) -> dict:
                     "error_ratio": ratio(j["error"], d["error"]),
                     "time_ratio": paired_ratio(times, f"jaxode/{tol}", f"diffrax/{tol}"),
                 })
-        print(f"  (b) {problem}: done", file=sys.stderr, flush=True)
+        print(f"  ({name}) {problem}: done", file=sys.stderr, flush=True)
 
     printed = [[r["problem"], r["method"], f"{r['tol']:.0e}",
                 fmt(r["jaxode"]["error"], ".2e"), fmt(r["diffrax"]["error"], ".2e"),
                 fmt(r["error_ratio"], ".2f"), fmt(r["jaxode"]["nfe"]), fmt(r["diffrax"]["nfe"]),
                 us(r["jaxode"]["time_s"]), us(r["diffrax"]["time_s"]),
-                fmt(r["time_ratio"], ".2f")] for r in rows]
+                fmt(r["time_ratio"], ".2f"),
+                "/".join("yes" if r[s]["loop_one_function"] else "no"
+                         for s in ("jaxode", "diffrax"))] for r in rows]
+    flags = f" (XLA_FLAGS={os.environ.get('XLA_FLAGS')})" if name == "d" else ""
     print(table(
-        "(b) work-precision, float64, rtol = atol = tol, error = max |y(T) - y_ref(T)|",
+        f"({name}) work-precision, float64, rtol = atol = tol, error = max |y(T) - y_ref(T)|"
+        + flags,
         ["problem", "method", "tol", "err jaxode", "err diffrax", "err j/d", "NFE j",
-         "NFE d", "us j", "us d", "time j/d"],
+         "NFE d", "us j", "us d", "time j/d", "loop 1 fn j/d"],
         printed,
 "y_ref: scipy DOP853 at rtol = atol = 1e-13. us: median per solve, jitted, tolerances "
         "passed as traced scalars\n(one compile per problem and method); time j/d: median "
-        "over rounds of the paired ratio."))
+        "over rounds of the paired ratio; loop 1 fn: XLA:CPU compiled the main while loop "
+        "into one function\n(its small-loop path) rather than running it kernel by kernel."))
 
     summary, targets = [], []
     for method in METHODS_B:
@@ -498,11 +521,11 @@ def section_b(cfg: dict, cache: dict) -> dict:
                         "value": geo, "met": geo <= 0.5})
         targets.append({"target": f"{method}: error <= diffrax's at equal tol (all runs)",
                         "value": err_ok / len(rs), "met": err_ok == len(rs)})
-    fixed = _fixed_cost(cfg)
-    print(table("(b) summary over problems and tolerances (jaxode/diffrax)",
+    fixed = _fixed_cost(cfg) if name == "b" else None
+    print(table(f"({name}) summary over problems and tolerances (jaxode/diffrax)",
                 ["method", "time geo", "time min", "time max", "NFE geo", "error geo",
                  "error <= diffrax"], summary))
-    _print_targets("(b) targets", targets)
+    _print_targets(f"({name}) targets", targets)
     return {"rows": rows, "targets": targets, "tols": list(tols), "fixed_cost": fixed}
 
 
@@ -551,13 +574,14 @@ def _fixed_cost(cfg: dict) -> dict:
 
 # ================================================================ driver
 
-RUNNERS = {"a": section_a, "b": section_b, "c": section_c}
+RUNNERS = {"a": section_a, "b": section_b, "c": section_c,
+           "d": lambda cfg, cache: section_b(cfg, cache, name="d")}
 
 
 def worker(args) -> None:
     import jax
 
-    jax.config.update("jax_enable_x64", args.worker == "float64")
+    jax.config.update("jax_enable_x64", args.worker.startswith("float64"))
     jax.config.update("jax_enable_compilation_cache", False)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(1.0))  # backend start-up, not timed
     cfg = config(args.quick)
@@ -616,7 +640,8 @@ def main(argv=None) -> None:
                        "--json", str(out), "--section", *chosen]
             if args.quick:
                 command.append("--quick")
-            subprocess.run(command, env=env, cwd=ROOT, check=True)
+            flags = " ".join(filter(None, [env.get("XLA_FLAGS"), GROUP_FLAGS.get(group)]))
+            subprocess.run(command, env={**env, "XLA_FLAGS": flags}, cwd=ROOT, check=True)
             results.update(json.loads(out.read_text()))
     write_results(results, args.out)
 
