@@ -259,9 +259,29 @@ def lincomb(coeffs, vectors):
     return functools.reduce(lambda x, y: x + y, terms)
 
 
-def jacobian(f, t, z):
-    """∂f/∂z at (t, z), (n, n), by forward mode."""
-    return jax.jacfwd(lambda y: f(t, y))(z)
+def factor(f, t, z, h):
+    """The LU factors of I - h ∂f/∂z at (t, z), ∂f/∂z by forward mode. A complex state
+    is linearised in its real form (Re z, Im z), 2n x 2n, so f need not be holomorphic."""
+    if jnp.iscomplexobj(z):
+        n = z.shape[-1]
+        g = lambda x: _real_form(f(t, lax.complex(x[:n], x[n:])))
+        jac = jax.jacfwd(g)(_real_form(z))
+    else:
+        jac = jax.jacfwd(lambda y: f(t, y))(z)
+    return jsl.lu_factor(jnp.eye(jac.shape[-1], dtype=jac.dtype) - h * jac)
+
+
+def solve_factored(lu, rhs):
+    """x with (I - h J) x = rhs, for the factors from `factor`."""
+    if jnp.iscomplexobj(rhs):
+        n = rhs.shape[-1]
+        x = jsl.lu_solve(lu, _real_form(rhs))
+        return lax.complex(x[:n], x[n:])
+    return jsl.lu_solve(lu, rhs)
+
+
+def _real_form(z):
+    return jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=-1)
 
 
 def hermite(z0, dt, dense, theta):
@@ -288,7 +308,7 @@ def newton(f, t_i, base, h, k0, lu, scale, eta0, kappa, max_iterations):
     measured as h Δ / scale (RMS); the iteration stops when η ||Δ|| <= κ."""
 
     def body(s: _NewtonState):
-        delta = jsl.lu_solve(lu, f(t_i, base + h * s.k) - s.k)
+        delta = solve_factored(lu, f(t_i, base + h * s.k) - s.k)
         norm = rms(h * delta / scale)
         theta = norm / s.norm
         eta = jnp.where(s.iteration > 0, theta / (1 - theta), s.eta)
@@ -319,9 +339,7 @@ def _implicit_stage_jvp(f, primals, tangents):
     y = base + h * k
     _, rhs = jax.jvp(lambda t_, y_, *c: f(t_, y_, *c), (t_i, y, *consts),
                      (dt_i, dbase + dh * k, *dconsts))
-    jac = jax.jacfwd(lambda y_: f(t_i, y_, *consts))(y)
-    matrix = jnp.eye(k.shape[-1], dtype=jac.dtype) - h * jac
-    return k, jnp.linalg.solve(matrix, rhs)
+    return k, solve_factored(factor(lambda t_, y_: f(t_, y_, *consts), t_i, y, h), rhs)
 
 
 # ---------------------------------------------------------------- the ESDIRK solver
@@ -373,8 +391,7 @@ class ESDIRK(AbstractStiffSolver):
         t_, z_, dt_, consts_ = lax.stop_gradient((t, z, dt, consts))
         f_ = lambda s, y: conv(s, y, *consts_)
         h_ = dt_ * gamma
-        n = z.shape[-1]
-        lu = jsl.lu_factor(jnp.eye(n, dtype=z.dtype) - h_ * jacobian(f_, t_, z_))
+        lu = factor(f_, t_, z_, h_)
         eps = jnp.finfo(real).eps
         rtol = jnp.maximum(jnp.asarray(self.newton_rtol, real), 1000 * eps)
         atol = jnp.maximum(jnp.asarray(self.newton_atol, real), 1000 * eps * jnp.finfo(real).tiny)
@@ -401,7 +418,7 @@ class ESDIRK(AbstractStiffSolver):
 
         s = tab.num_stages
         strict = np.tril(tab.a, -1)
-        ks = jnp.zeros((s, n), z.dtype).at[0].set(k1)
+        ks = jnp.zeros((s, z.shape[-1]), z.dtype).at[0].set(k1)
         init = (ks, jnp.ones((), real), jnp.zeros((), jnp.int32), jnp.ones((), bool),
                 jnp.ones((), bool))
         if self.stage_loop:

@@ -20,11 +20,10 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 
 from .base import Step
-from .implicit import AbstractStiffSolver, jacobian, lincomb
+from .implicit import AbstractStiffSolver, factor, lincomb, solve_factored
 
 _TOL = 1e-9
 
@@ -214,11 +213,9 @@ class Rosenbrock(AbstractStiffSolver):
 
     def step(self, f, t, z, dt, f0) -> Step:
         tab = self.tableau
-        n = z.shape[-1]
-        jac = jacobian(f, t, z)
         f_t = jax.jvp(lambda s: f(s, z), (t,), (jnp.ones_like(t),))[1]
         h = dt * tab.gamma
-        lu = jsl.lu_factor(jnp.eye(n, dtype=z.dtype) - h * jac)
+        lu = factor(f, t, z, h)
         ks, fi = [], f0
         for i in range(tab.num_stages):
             if i > 0 and not _repeats(tab, i):
@@ -229,7 +226,7 @@ class Rosenbrock(AbstractStiffSolver):
                 rhs = rhs + lincomb(tab.C[i, :i], ks) / dt
             if tab.d[i] != 0:
                 rhs = rhs + (float(tab.d[i]) * dt) * f_t
-            ks.append(h * jsl.lu_solve(lu, rhs))
+            ks.append(h * solve_factored(lu, rhs))
         z1 = z + lincomb(tab.b, ks)
         f1 = f(t + dt, z1)
         dense = jnp.stack([z1 - z, *(lincomb(row, ks) for row in tab.H)])
