@@ -179,6 +179,8 @@ def solve(
                             f"{_REMOVED[name]}=...) instead")
         raise TypeError(f"solve() got an unexpected keyword argument {name!r}")
     adjoint = adjoint_lib.resolve_adjoint(adjoint)
+    # Python and NumPy scalars as leaves (odeint(f, 1.0, ...)) are arrays, as in jnp.
+    z0 = jax.tree_util.tree_map(lambda x: x if hasattr(x, "shape") else jnp.asarray(x), z0)
     settings, tols = _setup(z0, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
                             max_steps=max_steps, adjoint=adjoint, controller=controller,
                             dense=dense, progress=progress, throw=throw)

@@ -33,10 +33,11 @@ STATUS_MESSAGES = (
     "tight-tolerance problems; use float64 or loosen rtol/atol",
     "jaxode: non-finite state: the vector field produced NaN or inf, or an implicit "
     "solver's corrector iteration did not converge even at the smallest step",
-    "jaxode: ts must be strictly increasing or strictly decreasing",
+    "jaxode: ts must be strictly increasing or strictly decreasing, and finite",
 )
 """The message of each run-time outcome, indexed by `Solution.status`: 0 success,
-1 max_steps reached, 2 step-size underflow, 3 non-finite state, 4 ts not monotonic."""
+1 max_steps reached, 2 step-size underflow, 3 non-finite state, 4 ts not monotonic (or
+not finite)."""
 
 SAVE_CHUNK = 4  # outputs filled per pass of the output loop
 
@@ -149,7 +150,8 @@ class Loop:
     def init(self) -> _Carry:
         f, z0, taus, static, solver = self.f, self.z0, self.taus, self.static, self.solver
         t0, t_end, lanes = taus[0], taus[-1], self.lanes
-        status = jnp.where(jnp.all(taus[1:] > taus[:-1]), SUCCESS, TS_NOT_MONOTONIC)
+        ordered = jnp.all(taus[1:] > taus[:-1]) & jnp.all(jnp.isfinite(taus))
+        status = jnp.where(ordered, SUCCESS, TS_NOT_MONOTONIC)
         f0 = f(t0, z0)
         solver_state = solver.init(f, t0, z0, f0)
         if static.automatic_dt0:

@@ -190,6 +190,13 @@ def test_params_none():
     np.testing.assert_allclose(zs, np.exp(-np.asarray(TS))[:, None] * z0, rtol=1e-5)
 
 
+def test_python_scalar_leaves_are_arrays():
+    zs = jaxode.odeint(lambda z, t, k: {"a": -k * z["a"]}, {"a": 2.0}, TS, 1.0, **TOL)
+    np.testing.assert_allclose(zs["a"], 2.0 * np.exp(-np.asarray(TS)), rtol=1e-5)
+    grad = jax.grad(lambda z: jaxode.odeint(lambda z, t, k: -k * z, z, TS, 1.0, **TOL)[-1])
+    np.testing.assert_allclose(grad(1.0), np.exp(-float(TS[-1])), rtol=1e-5)
+
+
 class Rates(eqx.Module):
     rate: jax.Array
     scale: float = eqx.field(static=True, default=1.0)
@@ -517,6 +524,9 @@ FAILURES = {
                     TS_NOT_MONOTONIC),
     "ts_decreasing_then_not": (decay, (), jnp.ones(2), jnp.array([2.0, 1.0, 1.5, 0.0]),
                                TS_NOT_MONOTONIC),
+    # Not a max_steps failure after 4096 steps towards infinity: told at once.
+    "ts_infinite": (decay, (), jnp.ones(2), jnp.array([0.0, 1.0, 2.0, jnp.inf]),
+                    TS_NOT_MONOTONIC),
 }
 
 
