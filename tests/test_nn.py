@@ -121,6 +121,8 @@ def test_baselines_shapes_and_vmap():
     assert (block.solver, block.adjoint, block.dt0) == ("rk4", "direct", 0.5)
     with pytest.raises(ValueError, match="x: expected"):
         resnet(x[0, 0])
+    with pytest.raises(ValueError, match=r"x: expected.*\(N, 1, H, W\)"):
+        resnet(jnp.ones((2, 3, 12, 12)))  # three channels for a one-channel model
 
 
 @pytest.mark.slow

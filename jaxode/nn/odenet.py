@@ -272,6 +272,10 @@ class _ConvClassifier(eqx.Module):
             (logits, stats): logits of shape (num_classes,) or (N, num_classes), and
                 the ODE block's statistics (`nfe`, ...; an empty dict for the ResNet).
         """
+        channels = self.downsample.layers[0].in_channels
+        if x.ndim not in (3, 4) or x.shape[-3] != channels:
+            raise ValueError(f"x: expected one image ({channels}, H, W) or a batch (N, "
+                             f"{channels}, H, W), got shape {tuple(x.shape)}")
         h = per_example(self.downsample, x, 3)
         h, stats = self._features(h)
         return per_example(self.head, h, 3), stats
