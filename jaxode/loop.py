@@ -220,7 +220,8 @@ class Loop:
         zs, next_output, history = self._record(c, dt, t_new, attempt, accept, active)
         t = jnp.where(accept, t_new, c.t)
         if static.progress:
-            _report_progress(self.taus[0], self.taus[-1], c.t, t, c.num_steps + 1)
+            # Against the step's t_end: a solve that stops at an event ends its bar at 100%.
+            _report_progress(self.taus[0], t_end, c.t, t, c.num_steps + 1)
         num_steps = c.num_steps + jnp.asarray(active, jnp.int32)
         keep = lambda new, old: jnp.where(accept, new, old)
         return _Carry(

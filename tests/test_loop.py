@@ -289,3 +289,14 @@ def test_progress_under_vmap_shows_one_bar(capfd):
     jax.effects_barrier()
     err = capfd.readouterr().err
     assert err.count("100%") == 1
+
+
+def test_progress_of_a_solve_stopped_by_an_event_ends_at_100_percent(capfd):
+    ball = lambda z, t, g: jnp.stack([z[1], -g])
+    sol = jaxode.solve(ball, jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0]), 9.81, progress=True,
+                       event=jaxode.Event(lambda z, t, p: z[0]))
+    jax.block_until_ready(sol.event_time)
+    jax.effects_barrier()
+    err = capfd.readouterr().err
+    assert bool(sol.event_happened) and float(sol.event_time) < 1.0
+    assert "100%" in err.split("\r")[-1] and err.endswith("\n")  # the bar is finished
