@@ -10,9 +10,11 @@
 (d) section (b) again, with XLA:CPU's small-loop path opened to every library
     (`SMALL_LOOP_FLAGS`): a while loop whose one iteration touches fewer bytes than a
     threshold (1 KiB by default) is compiled into one function instead of running its
-    body kernel by kernel, which is what a 2-4 dimensional solve's steps cost here.
+    body kernel by kernel, which is what a 2-4 dimensional solve's steps cost here;
+(e) section (b) in float32 at rtol = atol = 1e-5 and 1e-6, default flags (half the bytes
+    a step: which loops are one function changes).
 
-Sections run in child processes grouped by precision and XLA flags ((a)+(c) float32,
+Sections run in child processes grouped by precision and XLA flags ((a)+(c)+(e) float32,
 (b) float64, (d) float64 with the flag), so settings never mix. Tables go to stdout,
 everything to bench_results/solve.json.
 """
@@ -52,8 +54,8 @@ from .common import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("a", "b", "c", "d")
-GROUPS = {"float32": ("a", "c"), "float64": ("b",), "float64-small-loop": ("d",)}
+SECTIONS = ("a", "b", "c", "d", "e")
+GROUPS = {"float32": ("a", "c", "e"), "float64": ("b",), "float64-small-loop": ("d",)}
 # What a user of small systems can set (docs/guides/solvers.md): 16 KiB takes in every
 # classic problem's loop here, dopri8's on four states included, and no neural-ODE loop.
 SMALL_LOOP_FLAGS = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=16384"
@@ -68,6 +70,9 @@ JAX_SYSTEMS = ("jaxode", "diffrax", "jax.experimental.ode")
 
 # (b): work-precision.
 TOLS_B = (1e-4, 1e-6, 1e-8, 1e-10)
+# (e): float32. Looser, the Arenstorf orbit's close approaches defeat float32 time: at
+# 1e-4 diffrax's dopri5 runs out of 100,000 steps and jaxode's tsit5 underflows its step.
+TOLS_E = (1e-5, 1e-6)
 METHODS_B = ("dopri5", "tsit5", "dopri8")
 MAX_STEPS_B = 100_000
 
@@ -75,10 +80,11 @@ MAX_STEPS_B = 100_000
 def config(quick: bool) -> dict:
     if quick:
         return dict(quick=True, repeats_a=3, compile_repeats=1, repeats_b=3,
-                    min_sample_b=0.005, tols_b=(1e-4, 1e-8), repeats_c=3, evals_c=200)
+                    min_sample_b=0.005, tols_b=(1e-4, 1e-8), tols_e=(1e-5,),
+                    repeats_c=3, evals_c=200)
     # Many short rounds: a burst of load from other processes then spoils few of them.
     return dict(quick=False, repeats_a=15, compile_repeats=3, repeats_b=21,
-                min_sample_b=0.01, tols_b=TOLS_B, repeats_c=15, evals_c=1000)
+                min_sample_b=0.01, tols_b=TOLS_B, tols_e=TOLS_E, repeats_c=15, evals_c=1000)
 
 
 # ================================================================ (a) and (c)
@@ -441,18 +447,19 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
     import jax.numpy as jnp
     from scipy.integrate import solve_ivp
 
-    assert jax.config.jax_enable_x64, f"section ({name}) runs in float64"
-    tols = cfg["tols_b"]
+    assert jax.config.jax_enable_x64 == (name != "e"), f"section ({name}): wrong precision"
+    real = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    tols = cfg["tols_e"] if name == "e" else cfg["tols_b"]
     rows = []
     for problem, (f, y0_list, t_end) in PROBLEMS_B.items():
         ref = solve_ivp(lambda t, y, f=f: f(y, t, np), (0.0, t_end), np.array(y0_list),
                         method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
-        y0 = jnp.asarray(y0_list, jnp.float64)
+        y0 = jnp.asarray(y0_list, real)
         for method in METHODS_B:
             timed, found = {}, {}
             for system in ("jaxode", "diffrax"):
                 field = lambda y, t, p, f=f: f(y, t, jnp)  # noqa: E731
-                tol0 = jnp.asarray(tols[0], jnp.float64)
+                tol0 = jnp.asarray(tols[0], real)
                 solver = _b_solver(system, method, problem, field)
                 _, first = first_call(lambda *a, solver=solver: solver(*a)[0], y0, tol0, tol0)
                 # Timed through jax.jit: calling the compiled executable itself costs
@@ -463,7 +470,7 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
                 counted = jax.jit(_b_solver(system, method, problem, counting(
                     lambda y, t, p, f=f: f(y, t, jnp), counter)))
                 for tol in tols:
-                    tol_ = jnp.asarray(tol, jnp.float64)
+                    tol_ = jnp.asarray(tol, real)
                     y_end = np.asarray(compiled(y0, tol_, tol_))
                     counter[0] = 0
                     _, steps = jax.block_until_ready(counted(y0, tol_, tol_))
@@ -496,7 +503,8 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
                          for s in ("jaxode", "diffrax"))] for r in rows]
     flags = f" (XLA_FLAGS={os.environ.get('XLA_FLAGS')})" if name == "d" else ""
     print(table(
-        f"({name}) work-precision, float64, rtol = atol = tol, error = max |y(T) - y_ref(T)|"
+        f"({name}) work-precision, {jnp.dtype(real).name}, rtol = atol = tol, "
+        "error = max |y(T) - y_ref(T)|"
         + flags,
         ["problem", "method", "tol", "err jaxode", "err diffrax", "err j/d", "NFE j",
          "NFE d", "us j", "us d", "time j/d", "loop 1 fn j/d"],
@@ -575,7 +583,8 @@ def _fixed_cost(cfg: dict) -> dict:
 # ================================================================ driver
 
 RUNNERS = {"a": section_a, "b": section_b, "c": section_c,
-           "d": lambda cfg, cache: section_b(cfg, cache, name="d")}
+           "d": lambda cfg, cache: section_b(cfg, cache, name="d"),
+           "e": lambda cfg, cache: section_b(cfg, cache, name="e")}
 
 
 def worker(args) -> None:
