@@ -300,7 +300,8 @@ class _JointAccumulator(_IntervalScan):
         tau = direction * ts[-1]
         dt = initial_step(f, tau, y, f(tau, y), self.settings.backward_solver.order,
                           tols.adjoint_rtol, tols.adjoint_atol, self.inner.forward.error_size)
-        return dt[None].astype(ts.dtype)
+        # A step-size decision, held constant under differentiation (grad of grad).
+        return lax.stop_gradient(dt[None].astype(ts.dtype))
 
     def interval(self, i, z, a, a_theta, t_start, t_stop, dt):
         def solve():

@@ -287,6 +287,19 @@ def test_grad_of_grad_closed_form_and_finite_differences():
     np.testing.assert_allclose(hessian, fd, rtol=0, atol=1e-5 * scale)
 
 
+def test_grad_of_grad_with_a_purely_relative_tolerance():
+    """atol = 0 with a component that starts at zero (and adjoint states that do): the
+    backward passes' first steps are step-size decisions, held constant, so no 0/0 of
+    the error norm's reaches the second derivative."""
+    field = lambda z, t, k: jnp.stack([z[1], -k * z[0]])  # z = (cos √k t, ...)
+    ts = jnp.linspace(0.0, 1.0, 3)
+    loss = lambda k: jaxode.odeint(field, jnp.array([1.0, 0.0]), ts, k, rtol=1e-9,
+                                   atol=0.0)[-1, 0]
+    second = jax.jit(jax.grad(jax.grad(loss)))(1.0)
+    exact = jax.grad(jax.grad(lambda k: jnp.cos(jnp.sqrt(k))))(1.0)
+    np.testing.assert_allclose(second, exact, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_jacrev_of_jacrev_hessian():
     """The full Hessian as jacrev(jacrev(...)) (jax.hessian itself is jacfwd(jacrev),
