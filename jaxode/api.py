@@ -179,8 +179,7 @@ def solve(
                             f"{_REMOVED[name]}=...) instead")
         raise TypeError(f"solve() got an unexpected keyword argument {name!r}")
     adjoint = adjoint_lib.resolve_adjoint(adjoint)
-    # Python and NumPy scalars as leaves (odeint(f, 1.0, ...)) are arrays, as in jnp.
-    z0 = jax.tree_util.tree_map(lambda x: x if hasattr(x, "shape") else jnp.asarray(x), z0)
+    z0 = _as_arrays(z0)
     settings, tols = _setup(z0, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
                             max_steps=max_steps, adjoint=adjoint, controller=controller,
                             dense=dense, progress=progress, throw=throw)
@@ -291,6 +290,7 @@ def adjoint_nfe(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " ti
     options.pop("throw", None)
     if cotangent is not None and batch_axis is not None:
         raise ValueError("cotangent: only the default (ones) is supported with batch_axis")
+    z0 = _as_arrays(z0)
     settings, tols = _setup(z0, adjoint=adjoint, **{**options, "dense": False})
     return _adjoint_nfe(f, z0, ts, params, cotangent, settings, tols, batch_axis)
 
@@ -415,6 +415,12 @@ def _check_tolerances(rtol, atol):
     concrete = lambda x: isinstance(x, numbers.Real) or isinstance(x, np.ndarray)
     if concrete(rtol) and concrete(atol) and float(rtol) == 0 and float(atol) == 0:
         raise ValueError("rtol, atol: both are 0, which no step can meet; give atol > 0")
+
+
+def _as_arrays(z0):
+    """z0 with Python scalars as leaves (odeint(f, 1.0, ...)) made arrays, as jnp does,
+    before the compiled solve (which would take them as static values)."""
+    return jax.tree_util.tree_map(lambda x: x if hasattr(x, "shape") else jnp.asarray(x), z0)
 
 
 def _state_dtype(z0):

@@ -195,6 +195,8 @@ def test_python_scalar_leaves_are_arrays():
     np.testing.assert_allclose(zs["a"], 2.0 * np.exp(-np.asarray(TS)), rtol=1e-5)
     grad = jax.grad(lambda z: jaxode.odeint(lambda z, t, k: -k * z, z, TS, 1.0, **TOL)[-1])
     np.testing.assert_allclose(grad(1.0), np.exp(-float(TS[-1])), rtol=1e-5)
+    nfe = jaxode.adjoint_nfe(lambda z, t, k: -k * z, 1.0, TS, 1.0, **TOL)
+    assert int(nfe["forward"]) > 0 and int(nfe["backward"]) > 0
 
 
 class Rates(eqx.Module):
