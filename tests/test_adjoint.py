@@ -599,3 +599,25 @@ def test_direct_with_batch_axis_matches_vmap_and_backsolve(num_outputs):
     grad = jax.grad(loss(lanes))(P0)
     np.testing.assert_allclose(grad, jax.grad(loss(vmapped))(P0), rtol=1e-11)
     np.testing.assert_allclose(grad, jax.grad(loss(lanes, "backsolve"))(P0), rtol=1e-6)
+
+
+def test_direct_outputs_from_the_window_and_from_every_row():
+    """Direct's outputs are written from a window of the next outputs, or from every
+    output row when a step passes more than the window: a solve with both kinds of step
+    (dense outputs first, then sparse ones) gives the forward solve's outputs, and the
+    gradient of each output that one solve per output gives (the steps do not depend on
+    the outputs)."""
+    from jaxode.loop import SAVE_WINDOW
+
+    dense = jnp.linspace(0.05, 2.0, 6 * SAVE_WINDOW)  # many outputs a step
+    ts = jnp.concatenate([jnp.zeros(1), dense, jnp.array([3.0, 4.0])])
+    solve = lambda p, ts, adjoint="direct": jaxode.solve(_decay, Z0_SMALL, ts, p, rtol=1e-4,
+                                                         atol=1e-4, adjoint=adjoint)
+    sol = solve(P0, ts)
+    # Fewer steps in all than windows of the dense outputs: some step passed more.
+    assert int(sol.stats["num_accepted"]) < dense.shape[0] // SAVE_WINDOW
+    np.testing.assert_allclose(sol.zs, solve(P0, ts, "backsolve").zs, rtol=1e-13, atol=1e-15)
+    loss = lambda p: jnp.sum(solve(p, ts).zs[1:-2] ** 2)
+    one = lambda p, t: jnp.sum(solve(p, jnp.stack([ts[0], t, ts[-1]])).zs[1] ** 2)
+    each = jax.vmap(jax.grad(one), in_axes=(None, 0))(P0, dense)
+    np.testing.assert_allclose(jax.grad(loss)(P0), jnp.sum(each, axis=0), rtol=1e-10)
