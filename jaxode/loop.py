@@ -388,26 +388,27 @@ def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, acce
     aimed at the spare row, so each row is written once)."""
     num_outputs = taus.shape[0]
     every = jnp.arange(num_outputs, dtype=next_output.dtype)
+    unwritten = jnp.where(every >= next_output, every, num_outputs)  # the rest: spare row
     write = lambda rows: _write(solver, taus, zs, next_output, rows, t, z, dt, t_new, z1,
                                 dense, accept)
     if num_outputs <= SAVE_WINDOW:
-        return write(every)
+        return write(unwritten)
     beyond = next_output + SAVE_WINDOW  # the first output outside the window
     fits = (beyond >= num_outputs) | (taus[jnp.minimum(beyond, num_outputs - 1)] > t_new)
     # Interpolating (and differentiating) every output at every step cost 15% of a
     # direct gradient with 50 outputs; a window of 4 sent most steps of a 512-lane
     # batch to the every-output path.
     return lax.cond(eqxi.unvmap_all(fits), lambda: write(next_output + every[:SAVE_WINDOW]),
-                    lambda: write(every))
+                    lambda: write(unwritten))
 
 
 def _write(solver, taus, zs, index, rows, t, z, dt, t_new, z1, dense, accept):
-    """(zs, index): the outputs among `rows` from `index` on that the step passed, written
-    from its dense output in one scatter (the others aimed at the spare last row), and
-    the next output to write."""
+    """(zs, index): the outputs among `rows` (none before `index`) that the step passed,
+    written from its dense output in one scatter (the others aimed at the spare last
+    row), and the next output to write."""
     num_outputs = taus.shape[0]
     tau = taus[jnp.minimum(rows, num_outputs - 1)]
-    write = accept & (rows >= index) & (rows < num_outputs) & (tau <= t_new)
+    write = accept & (rows < num_outputs) & (tau <= t_new)
     # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
     # here would leak through the mask into the gradient.
     safe_dt = jnp.where(dt == 0, 1, dt)
