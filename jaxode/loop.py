@@ -232,7 +232,7 @@ class Loop:
             jax.tree_util.tree_map(keep, attempt.state, c.solver_state),
             dt_next, controller_state, next_output, zs, num_steps,
             c.num_accepted + accept.astype(jnp.int32),
-            self._status(c, t, dt_next, num_steps, attempt.z, active), history,
+            self._status(c, t, happened, dt_next, num_steps, attempt.z, active), history,
             {k: c.counts[k] + jnp.where(active, attempt.stats[k], 0) for k in c.counts},
             event_value, happened,
         ), (dt, accept)
@@ -292,8 +292,8 @@ class Loop:
                 jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
         return zs, next_output, history
 
-    def _status(self, c, t, dt_next, num_steps, z_new, active):
-        unfinished = (t < c.t_end) & active
+    def _status(self, c, t, happened, dt_next, num_steps, z_new, active):
+        unfinished = self._going(t, c.t_end, happened) & active
         stuck = unfinished & (t + dt_next <= t)
         failure = jnp.where(_all_finite(z_new), STEP_SIZE_UNDERFLOW, NONFINITE_STATE)
         status = jnp.where(stuck & (c.status == SUCCESS), failure, c.status)
@@ -302,11 +302,19 @@ class Loop:
         return status.astype(jnp.int32)
 
     def unfinished(self, c: _Carry):
-        return (c.t < c.t_end) & (c.status == SUCCESS)
+        return self._going(c.t, c.t_end, c.event_happened) & (c.status == SUCCESS)
+
+    @staticmethod
+    def _going(t, t_end, happened):
+        # After an event, t and t_end are one value computed twice, and XLA may compute
+        # the copies differently (by an ulp, seen with --xla_backend_optimization_level=0):
+        # the flag, not t < t_end, ends the solve.
+        return (t < t_end) if happened is None else (t < t_end) & ~happened
 
     def finish(self, c: _Carry) -> Result:
         if c.zs is None:
-            zs = jnp.stack([self.z0, jnp.where(c.t == c.t_end, c.z, jnp.nan)], axis=-2)
+            reached = ~self._going(c.t, c.t_end, c.event_happened)
+            zs = jnp.stack([self.z0, jnp.where(reached, c.z, jnp.nan)], axis=-2)
         else:
             zs = c.zs[..., :-1, :]
             if c.event_happened is not None:  # outputs after the event hold its state
