@@ -536,7 +536,6 @@ def torch_mlp(params_np, event_params, z0_np, rtol, atol):
 
 
 def section_mlp(cfg) -> dict:
-    import jax
     import jax.numpy as jnp
 
     params_np, event_params, z0_np = mlp_workload()
@@ -555,69 +554,14 @@ def section_mlp(cfg) -> dict:
                                                               ones)
         built[name] = entry
         print(f"  mlp: {name} compiled", file=sys.stderr, flush=True)
-
-    # The reference: jaxode vmap direct at 1e-12 (its forward is jaxode vmap backsolve's
-    # solve), cross-checked against diffrax at 1e-12.
     ref_args = tol_args(REF_TOL)
-    t_ref, _, happened_ref = jax.block_until_ready(built["jaxode vmap backsolve"]["fwd"](*ref_args))
-    _, g_ref = jax.block_until_ready(built["jaxode vmap direct"]["grad"](*ref_args, ones))
-    t_ref, g_ref = np.asarray(t_ref), flat(g_ref)
-    t_dfx, _, _ = built["diffrax RecursiveCheckpoint"]["fwd"](*ref_args)
-    _, g_dfx = built["diffrax RecursiveCheckpoint"]["grad"](*ref_args, ones)
-    reference = dict(
-        tol=REF_TOL, happened=int(np.sum(happened_ref)), batch=BATCH,
-        t_min=float(t_ref.min()), t_median=float(np.median(t_ref)), t_max=float(t_ref.max()),
-        diffrax_t_diff=float(np.max(np.abs(np.asarray(t_dfx) - t_ref))),
-        diffrax_grad_diff=float(np.linalg.norm(flat(g_dfx) - g_ref) / np.linalg.norm(g_ref)))
-    print(f"  mlp: reference at {REF_TOL:g}: {reference['happened']}/{BATCH} events, "
-          f"t* in [{reference['t_min']:.3f}, {reference['t_max']:.3f}]; diffrax at "
-          f"{REF_TOL:g} differs by {reference['diffrax_t_diff']:.1e} (t*), "
-          f"{reference['diffrax_grad_diff']:.1e} (grad)", file=sys.stderr, flush=True)
+    t_ref, g_ref, reference = _mlp_reference(built, ref_args, ones)
 
     records = []
     torch_records = {}
-    slow = "jaxode vmap backsolve"
     for tol in cfg["mlp_tols"]:
         args = tol_args(tol)
-        per = {}
-        timed = {}
-        for name, e in built.items():
-            r = dict(system=name, mode=e["mode"], rtol=tol, atol=tol)
-            if "fwd" in e:
-                t_event, steps, happened = jax.block_until_ready(e["fwd"](*args))
-                t_event, steps = np.asarray(t_event), np.asarray(steps)
-                r.update(fwd_compile=e["fwd_compile"], steps_mean=float(steps.mean()),
-                         steps_max=int(steps.max()), happened=int(np.sum(happened)),
-                         t_error=float(np.max(np.abs(t_event - t_ref))))
-                timed[f"{name}|fwd"] = lambda e=e: e["fwd"](*args)
-            if "grad" in e and (name != slow or tol == MAIN_TOL):
-                _, g = jax.block_until_ready(e["grad"](*args, ones))
-                r.update(grad_compile=e["grad_compile"],
-                         grad_error=float(np.linalg.norm(flat(g) - g_ref) / np.linalg.norm(g_ref)))
-                if name != slow:
-                    timed[f"{name}|grad"] = lambda e=e: e["grad"](*args, ones)
-            per[name] = r
-        # Steps and t* of the direct systems: their forward solve is the backsolve one's.
-        for direct, fwd_of in (("jaxode vmap direct", "jaxode vmap backsolve"),
-                               ("jaxode batch_axis direct", "jaxode batch_axis backsolve")):
-            for k in ("steps_mean", "steps_max", "happened"):
-                per[direct][k] = per[fwd_of][k]
-            # t* of the direct solve itself (rounding may differ): from its gradient's value.
-            per[direct]["t_error"] = None
-        times = time_interleaved(timed, cfg["mlp_repeats"])
-        for key, t in times.items():
-            name, kind = key.split("|")
-            per[name][f"{kind}_time"] = t["median"]
-            per[name][f"{kind}_samples"] = t["samples"]
-        if "grad" in built[slow] and tol == MAIN_TOL:
-            # jax.vmap of the adjoint method: seconds per call; at MAIN_TOL only, 3
-            # samples, paired with the batch_axis backsolve gradient.
-            pair = "jaxode batch_axis backsolve"
-            t = time_interleaved({slow: lambda: built[slow]["grad"](*args, ones),
-                                  pair: lambda: built[pair]["grad"](*args, ones)}, 3)
-            per[slow]["grad_time"] = t[slow]["median"]
-            per[slow]["grad_over_batch_axis_backsolve"] = _ratio_samples(
-                t[slow]["samples"], t[pair]["samples"])
+        per = _mlp_round(cfg, built, args, ones, tol, t_ref, g_ref)
         if tol == MAIN_TOL:
             torch_records = run_torch_mlp(cfg, params_np, event_params, z0_np, t_ref, g_ref,
                                           built, args, ref_args)
@@ -633,6 +577,74 @@ def section_mlp(cfg) -> dict:
             "settings": dict(batch=BATCH, t_end=T_END, tols=list(cfg["mlp_tols"]),
                              ref_tol=REF_TOL, max_steps=MAX_STEPS,
                              torch_samples=cfg["torch_samples"])}
+
+
+def _mlp_reference(built: dict, ref_args, ones):
+    """(t*, flat gradient, summary): jaxode vmap direct at REF_TOL (its forward is jaxode
+    vmap backsolve's solve), cross-checked against diffrax at REF_TOL."""
+    import jax
+
+    t_ref, _, happened_ref = jax.block_until_ready(built["jaxode vmap backsolve"]["fwd"](*ref_args))
+    _, g_ref = jax.block_until_ready(built["jaxode vmap direct"]["grad"](*ref_args, ones))
+    t_ref, g_ref = np.asarray(t_ref), flat(g_ref)
+    t_dfx, _, _ = built["diffrax RecursiveCheckpoint"]["fwd"](*ref_args)
+    _, g_dfx = built["diffrax RecursiveCheckpoint"]["grad"](*ref_args, ones)
+    reference = dict(
+        tol=REF_TOL, happened=int(np.sum(happened_ref)), batch=BATCH,
+        t_min=float(t_ref.min()), t_median=float(np.median(t_ref)), t_max=float(t_ref.max()),
+        diffrax_t_diff=float(np.max(np.abs(np.asarray(t_dfx) - t_ref))),
+        diffrax_grad_diff=float(np.linalg.norm(flat(g_dfx) - g_ref) / np.linalg.norm(g_ref)))
+    print(f"  mlp: reference at {REF_TOL:g}: {reference['happened']}/{BATCH} events, "
+          f"t* in [{reference['t_min']:.3f}, {reference['t_max']:.3f}]; diffrax at "
+          f"{REF_TOL:g} differs by {reference['diffrax_t_diff']:.1e} (t*), "
+          f"{reference['diffrax_grad_diff']:.1e} (grad)", file=sys.stderr, flush=True)
+    return t_ref, g_ref, reference
+
+
+def _mlp_round(cfg, built: dict, args, ones, tol, t_ref, g_ref) -> dict:
+    """{system: record} at one tolerance: steps, t* and gradient errors, and the times of
+    one interleaved block (jax.vmap backsolve's gradient at MAIN_TOL only, in its own)."""
+    import jax
+
+    per, timed, slow = {}, {}, "jaxode vmap backsolve"
+    for name, e in built.items():
+        r = dict(system=name, mode=e["mode"], rtol=tol, atol=tol)
+        if "fwd" in e:
+            t_event, steps, happened = jax.block_until_ready(e["fwd"](*args))
+            t_event, steps = np.asarray(t_event), np.asarray(steps)
+            r.update(fwd_compile=e["fwd_compile"], steps_mean=float(steps.mean()),
+                     steps_max=int(steps.max()), happened=int(np.sum(happened)),
+                     t_error=float(np.max(np.abs(t_event - t_ref))))
+            timed[f"{name}|fwd"] = lambda e=e: e["fwd"](*args)
+        if "grad" in e and (name != slow or tol == MAIN_TOL):
+            _, g = jax.block_until_ready(e["grad"](*args, ones))
+            r.update(grad_compile=e["grad_compile"],
+                     grad_error=float(np.linalg.norm(flat(g) - g_ref) / np.linalg.norm(g_ref)))
+            if name != slow:
+                timed[f"{name}|grad"] = lambda e=e: e["grad"](*args, ones)
+        per[name] = r
+    # Steps and t* of the direct systems: their forward solve is the backsolve one's.
+    for direct, fwd_of in (("jaxode vmap direct", "jaxode vmap backsolve"),
+                           ("jaxode batch_axis direct", "jaxode batch_axis backsolve")):
+        for k in ("steps_mean", "steps_max", "happened"):
+            per[direct][k] = per[fwd_of][k]
+        # t* of the direct solve itself (rounding may differ): from its gradient's value.
+        per[direct]["t_error"] = None
+    times = time_interleaved(timed, cfg["mlp_repeats"])
+    for key, t in times.items():
+        name, kind = key.split("|")
+        per[name][f"{kind}_time"] = t["median"]
+        per[name][f"{kind}_samples"] = t["samples"]
+    if "grad" in built[slow] and tol == MAIN_TOL:
+        # jax.vmap of the adjoint method: seconds per call; 3 samples, paired with the
+        # batch_axis backsolve gradient.
+        pair = "jaxode batch_axis backsolve"
+        t = time_interleaved({slow: lambda: built[slow]["grad"](*args, ones),
+                              pair: lambda: built[pair]["grad"](*args, ones)}, 3)
+        per[slow]["grad_time"] = t[slow]["median"]
+        per[slow]["grad_over_batch_axis_backsolve"] = _ratio_samples(
+            t[slow]["samples"], t[pair]["samples"])
+    return per
 
 
 # Counted (each is one more compile): the forward solves, and the gradients of one system
@@ -812,36 +824,43 @@ def mlp_ratios(records, torch_records, cfg) -> dict:
                      "(- outside them).\n"
                      "  target: <= 0.5 at equal or smaller error. Runs at different rtol "
                      "were timed in different\n  interleaved blocks."))
+    vs_torch = _torch_ratios(records, torch_records, jaxode_grads, cfg)
+    return {"equal_rtol": equal_rtol, "equal_error": equal_error, "vs_torch": vs_torch}
+
+
+def _torch_ratios(records, torch_records, jaxode_grads, cfg) -> dict:
+    """jaxode's gradient (and forward) times over torchdiffeq's at MAIN_TOL."""
     vs_torch = {}
     tadj = torch_records.get("torchdiffeq odeint_event + odeint_adjoint loop")
-    if tadj:
-        pair_over_torch = 1 / tadj["over_pair"]  # jaxode batch_axis backsolve / torch adjoint
-        main = {r["system"]: r for r in records if r["rtol"] == MAIN_TOL}
-        pair = main["jaxode batch_axis backsolve"]
-        trows = []
-        for name in jaxode_grads:
-            # Through the pair: (name / pair in the JAX block) x (pair / torch in its block).
-            value = _ratio_samples(main[name]["grad_samples"], pair["grad_samples"]) \
-                * pair_over_torch
-            vs_torch[name] = value
-            trows.append([name, ms(main[name]["grad_time"]), f"{value:.4f}x",
+    if not tadj:
+        return vs_torch
+    pair_over_torch = 1 / tadj["over_pair"]  # jaxode batch_axis backsolve / torch adjoint
+    main = {r["system"]: r for r in records if r["rtol"] == MAIN_TOL}
+    pair = main["jaxode batch_axis backsolve"]
+    trows = []
+    for name in jaxode_grads:
+        # Through the pair: (name / pair in the JAX block) x (pair / torch in its block).
+        value = _ratio_samples(main[name]["grad_samples"], pair["grad_samples"]) \
+            * pair_over_torch
+        vs_torch[name] = value
+        trows.append([name, ms(main[name]["grad_time"]), f"{value:.4f}x",
+                      f"{1 / value:.0f}x faster"])
+    tf = torch_records["torchdiffeq odeint_event loop"]
+    for name in ("jaxode batch_axis backsolve", "jaxode vmap backsolve",
+                 "diffrax RecursiveCheckpoint"):
+        if main[name].get("fwd_time"):
+            value = _ratio_samples(main[name]["fwd_samples"], pair["grad_samples"]) \
+                / tf["over_pair"]
+            vs_torch[name + " (fwd)"] = value
+            trows.append([name + " (fwd)", ms(main[name]["fwd_time"]), f"{value:.4f}x",
                           f"{1 / value:.0f}x faster"])
-        tf = torch_records["torchdiffeq odeint_event loop"]
-        for name in ("jaxode batch_axis backsolve", "jaxode vmap backsolve",
-                     "diffrax RecursiveCheckpoint"):
-            if main[name].get("fwd_time"):
-                value = _ratio_samples(main[name]["fwd_samples"], pair["grad_samples"]) \
-                    / tf["over_pair"]
-                vs_torch[name + " (fwd)"] = value
-                trows.append([name + " (fwd)", ms(main[name]["fwd_time"]), f"{value:.4f}x",
-                              f"{1 / value:.0f}x faster"])
-        print(table(f"(mlp) against torchdiffeq at rtol {MAIN_TOL:.0e}: jaxode time / "
-                    "torchdiffeq's (grad: odeint_event + odeint_adjoint; fwd: odeint_event)",
-                    ["system", "ms", "ratio", ""], trows,
-                    note=f"torch loop over {cfg['torch_samples']} samples scaled to {BATCH}, "
-                         "paired with jaxode batch_axis backsolve's gradient in its own "
-                         "block; target: >= 10x faster"))
-    return {"equal_rtol": equal_rtol, "equal_error": equal_error, "vs_torch": vs_torch}
+    print(table(f"(mlp) against torchdiffeq at rtol {MAIN_TOL:.0e}: jaxode time / "
+                "torchdiffeq's (grad: odeint_event + odeint_adjoint; fwd: odeint_event)",
+                ["system", "ms", "ratio", ""], trows,
+                note=f"torch loop over {cfg['torch_samples']} samples scaled to {BATCH}, "
+                     "paired with jaxode batch_axis backsolve's gradient in its own "
+                     "block; target: >= 10x faster"))
+    return vs_torch
 
 
 # ================================================================ main

@@ -402,42 +402,9 @@ def _nfe_key(name: str) -> str:
 
 
 def section_time(cfg: dict, ref: dict) -> dict:
-    import jax
-
     params, z0, ts = workload(np.float32)
     g_ref = ref["direct"]
-    systems = {}
-    for name in JAX_SYSTEMS:
-        firsts, compiled = [], None
-        for _ in range(cfg["compile_repeats"]):
-            # A fresh closure each time, so no tracing or compilation cache is reused.
-            field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
-            compiled, times, (_, grads) = compile_and_run(
-                jax.value_and_grad(loss_fn(solver_fn(name, field, ts))), params, z0)
-            firsts.append(times)
-        first = {k: statistics.median(t[k] for t in firsts) for k in firsts[0]}
-        entry = {"fn": compiled, "first": first, "grad": flat_grad(grads),
-                 "nfe_fwd": None, "nfe_bwd": None, "sweep": {}}
-        if cfg["count_all"] or JAX_SYSTEMS[name][0] == "jaxode":
-            rtols = cfg["sweep_rtols"] if name in (BS, BS_FULL) else (RTOL,)
-            counts = count_nfe(name, ts, z0, params, rtols=rtols)
-            entry.update(nfe_fwd=counts[RTOL][0], nfe_bwd=counts[RTOL][1], sweep=counts)
-        if JAX_SYSTEMS[name][0] == "jaxode":
-            import jaxode
-
-            stats = jax.jit(lambda z0, p: jaxode.solve(
-                mlp_field, z0, ts, p, rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
-                dense=False).stats)(z0, params)
-            entry["stats_nfe_fwd"] = int(stats["nfe"])
-            entry["stats_steps_fwd"] = int(stats["num_steps"])
-        if name in (BS, BS_FULL):
-            seminorm = JAX_SYSTEMS[name][2]["seminorm"]
-            nfe = jaxode_adjoint_nfe(mlp_field, z0, ts, params, seminorm)
-            entry["stats_nfe_bwd"] = nfe["backward"]
-            entry["stats_source"] = "jaxode.adjoint_nfe"
-        systems[name] = entry
-        print(f"  time: {name} compiled and counted", file=sys.stderr, flush=True)
-
+    systems = _jax_time_entries(cfg, params, z0, ts)
     torch_fns, torch_nfe = torch_systems(
         [(np.array(w), np.array(b)) for w, b in params], np.array(z0), np.array(ts),
         cfg["torch_default_threads"], cfg["torch_seminorm"])
@@ -446,24 +413,7 @@ def section_time(cfg: dict, ref: dict) -> dict:
         start = time.perf_counter()
         torch_grads[name] = run()
         torch_first[name] = time.perf_counter() - start
-
-    timed = {name: (lambda e=e: e["fn"](params, z0)) for name, e in systems.items()}
-    one_thread = {n: (lambda r=r: r()) for n, (r, t) in torch_fns.items() if t == 1}
-    # The JAX systems get `repeats` interleaved samples; torch (seconds per call) fewer,
-    # interleaved with jaxode backsolve so that the ratio sees one load.
-    times = time_interleaved(timed, cfg["repeats"])
-    torch_times = time_interleaved({**one_thread, BS: timed[BS]}, cfg["torch_repeats"])
-    for name, (run, threads) in torch_fns.items():
-        if threads != 1:
-            # Several threads on a shared 2-core machine can be very slow: 2 samples,
-            # after the first call above.
-            samples = []
-            for _ in range(2):
-                start = time.perf_counter()
-                run()
-                samples.append(time.perf_counter() - start)
-            torch_times[name] = {"median": statistics.median(samples), "min": min(samples),
-                                 "samples": samples}
+    times, torch_times = _time_systems(cfg, systems, torch_fns, params, z0)
     bs_time_torch_run = torch_times.pop(BS)["median"]
 
     rows = []
@@ -478,8 +428,6 @@ def section_time(cfg: dict, ref: dict) -> dict:
             e["first"]["compile"], "first_call_s": e["first"]["total"],
             "grad_rel_error": rel_error(e["grad"], g_ref),
             "time_over_jaxode_backsolve": times[name]["median"] / bs_time,
-            **({"backward_pass_vs_grad": e["backward_pass_vs_grad"]}
-               if "backward_pass_vs_grad" in e else {}),
         })
     for name in torch_fns:
         fwd, bwd = torch_nfe[_nfe_key(name)]
@@ -492,50 +440,7 @@ def section_time(cfg: dict, ref: dict) -> dict:
             "grad_rel_error": rel_error(torch_grads[name], g_ref),
             "time_over_jaxode_backsolve": steady / base,
         })
-
-    printed = [[r["system"], fmt(r["nfe_fwd"]), fmt(r["nfe_bwd"]),
-                fmt(r.get("stats_nfe_fwd")) + "/" + fmt(r.get("stats_nfe_bwd")),
-                ms(r["steady_s"]), fmt(r.get("compile_s"), ".2f"),
-                fmt(r["first_call_s"], ".2f"), fmt(r["grad_rel_error"], ".2e"),
-                fmt(r["time_over_jaxode_backsolve"], ".2f")] for r in rows]
-    source = systems[BS].get("stats_source")
-    if source == "jaxode.adjoint.backward_pass":
-        bp = ", ".join(f"{n}: {systems[n].get('backward_pass_vs_grad', float('nan')):.1e}"
-                       for n in (BS, BS_FULL))
-        stats_note = ("jaxode stats fwd/bwd: Solution.stats['nfe'] / "
-                      "jaxode.adjoint.backward_pass's NFE (its gradient\n  matches "
-                      f"jax.grad's to {bp}).\n")
-    else:
-        stats_note = ("jaxode stats fwd/bwd: Solution.stats['nfe'] / jaxode.adjoint_nfe's "
-                      "backward NFE for the loss's cotangent.\n")
-    note = (
-        "NFE: evaluations of f executed, counted by a host callback in f (non-timed runs);\n"
-        "  bwd = value_and_grad total - forward solve alone (recomputation by "
-        "checkpointing included;\n  jaxode backsolve: 2 for the initial step + 1 batched "
-        "f at the 50 outputs + the augmented solves).\n"
-        + stats_note +
-        f"steady: median of {cfg['repeats']} interleaved samples of the jitted "
-        "value_and_grad; compile = trace/lower +\n  XLA compile (median of "
-        f"{cfg['compile_repeats']} fresh closures); 1st call = compile + first run "
-        "(torch: first call).\n"
-        f"grad err: ||g - g_ref|| / ||g_ref|| over the {g_ref.size} parameters; g_ref: "
-        f"jaxode direct, float64, rtol=atol={REF_TOL:g}\n  (it differs from jaxode "
-        f"backsolve by {ref['direct_vs_backsolve']:.1e} and from diffrax "
-        f"RecursiveCheckpoint by {ref['direct_vs_diffrax']:.1e}, both float64 at "
-        f"{REF_TOL:g}).\n"
-        "x backsolve: time / jaxode backsolve seminorm's time; torch 1-thread rows are "
-        f"timed in their own\n  interleaved run ({cfg['torch_repeats']} samples) with "
-        f"jaxode backsolve (median {ms(bs_time_torch_run)} ms there); torch's default "
-        "thread\n  count: 2 samples, against the JAX rows' backsolve median (threads "
-        "oversubscribe a loaded machine).\n"
-        "torchdiffeq odeint: backprop through the solver's operations, so no backward "
-        "evaluations of f;\n  torchdiffeq's adjoint norm: max of per-tensor RMS norms "
-        "(y, a_y, each parameter).")
-    print(table(
-        f"(time) gradient of mean(z^2): MLP 2(+t)-64-64-2, batch {BATCH} joint, {NUM_TS} "
-        f"outputs on [0, {T_END:g}], dopri5 rtol={RTOL:g} atol={ATOL:g}, float32",
-        ["system", "fwd NFE", "bwd NFE", "jaxode stats", "steady ms", "compile s",
-         "1st call s", "grad err", "x backsolve"], printed, note))
+    _print_time_table(rows, cfg, ref, bs_time_torch_run)
 
     sweep = _sweep_table(systems, g_ref, cfg)
     breakdown = _breakdown(systems, params, z0, ts, cfg)
@@ -553,6 +458,102 @@ def section_time(cfg: dict, ref: dict) -> dict:
                                                "backsolve_s", "diffrax_s", "direct_loss")},
             "settings": {"rtol": RTOL, "atol": ATOL, "batch": BATCH, "num_ts": NUM_TS,
                          "t_end": T_END, "max_steps": MAX_STEPS, "ref_tol": REF_TOL}}
+
+
+def _jax_time_entries(cfg: dict, params, z0, ts) -> dict:
+    """Each JAX system's compiled value_and_grad, compile times, gradient and NFE."""
+    import jax
+
+    import jaxode
+
+    systems = {}
+    for name in JAX_SYSTEMS:
+        firsts, compiled = [], None
+        for _ in range(cfg["compile_repeats"]):
+            # A fresh closure each time, so no tracing or compilation cache is reused.
+            field = lambda z, t, p: mlp_field(z, t, p)  # noqa: E731
+            compiled, times, (_, grads) = compile_and_run(
+                jax.value_and_grad(loss_fn(solver_fn(name, field, ts))), params, z0)
+            firsts.append(times)
+        first = {k: statistics.median(t[k] for t in firsts) for k in firsts[0]}
+        entry = {"fn": compiled, "first": first, "grad": flat_grad(grads),
+                 "nfe_fwd": None, "nfe_bwd": None, "sweep": {}}
+        if cfg["count_all"] or JAX_SYSTEMS[name][0] == "jaxode":
+            rtols = cfg["sweep_rtols"] if name in (BS, BS_FULL) else (RTOL,)
+            counts = count_nfe(name, ts, z0, params, rtols=rtols)
+            entry.update(nfe_fwd=counts[RTOL][0], nfe_bwd=counts[RTOL][1], sweep=counts)
+        if JAX_SYSTEMS[name][0] == "jaxode":
+            stats = jax.jit(lambda z0, p: jaxode.solve(
+                mlp_field, z0, ts, p, rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
+                dense=False).stats)(z0, params)
+            entry["stats_nfe_fwd"] = int(stats["nfe"])
+            entry["stats_steps_fwd"] = int(stats["num_steps"])
+        if name in (BS, BS_FULL):
+            seminorm = JAX_SYSTEMS[name][2]["seminorm"]
+            entry["stats_nfe_bwd"] = jaxode_adjoint_nfe(mlp_field, z0, ts, params,
+                                                        seminorm)["backward"]
+        systems[name] = entry
+        print(f"  time: {name} compiled and counted", file=sys.stderr, flush=True)
+    return systems
+
+
+def _time_systems(cfg: dict, systems: dict, torch_fns: dict, params, z0):
+    """(times, torch_times): the JAX systems get `repeats` interleaved samples; torch
+    (seconds per call) fewer, interleaved with jaxode backsolve (its entry BS in
+    torch_times) so that the ratio sees one load."""
+    timed = {name: (lambda e=e: e["fn"](params, z0)) for name, e in systems.items()}
+    one_thread = {n: (lambda r=r: r()) for n, (r, t) in torch_fns.items() if t == 1}
+    times = time_interleaved(timed, cfg["repeats"])
+    torch_times = time_interleaved({**one_thread, BS: timed[BS]}, cfg["torch_repeats"])
+    for name, (run, threads) in torch_fns.items():
+        if threads != 1:
+            # Several threads on a shared 2-core machine can be very slow: 2 samples,
+            # after the first call.
+            samples = []
+            for _ in range(2):
+                start = time.perf_counter()
+                run()
+                samples.append(time.perf_counter() - start)
+            torch_times[name] = {"median": statistics.median(samples), "min": min(samples),
+                                 "samples": samples}
+    return times, torch_times
+
+
+def _print_time_table(rows: list, cfg: dict, ref: dict, bs_time_torch_run: float) -> None:
+    printed = [[r["system"], fmt(r["nfe_fwd"]), fmt(r["nfe_bwd"]),
+                fmt(r.get("stats_nfe_fwd")) + "/" + fmt(r.get("stats_nfe_bwd")),
+                ms(r["steady_s"]), fmt(r.get("compile_s"), ".2f"),
+                fmt(r["first_call_s"], ".2f"), fmt(r["grad_rel_error"], ".2e"),
+                fmt(r["time_over_jaxode_backsolve"], ".2f")] for r in rows]
+    note = (
+        "NFE: evaluations of f executed, counted by a host callback in f (non-timed runs);\n"
+        "  bwd = value_and_grad total - forward solve alone (recomputation by "
+        "checkpointing included;\n  jaxode backsolve: 2 for the initial step + 1 batched "
+        "f at the 50 outputs + the augmented solves).\n"
+        "jaxode stats fwd/bwd: Solution.stats['nfe'] / jaxode.adjoint_nfe's "
+        "backward NFE for the loss's cotangent.\n"
+        f"steady: median of {cfg['repeats']} interleaved samples of the jitted "
+        "value_and_grad; compile = trace/lower +\n  XLA compile (median of "
+        f"{cfg['compile_repeats']} fresh closures); 1st call = compile + first run "
+        "(torch: first call).\n"
+        f"grad err: ||g - g_ref|| / ||g_ref|| over the parameters; g_ref: "
+        f"jaxode direct, float64, rtol=atol={REF_TOL:g}\n  (it differs from jaxode "
+        f"backsolve by {ref['direct_vs_backsolve']:.1e} and from diffrax "
+        f"RecursiveCheckpoint by {ref['direct_vs_diffrax']:.1e}, both float64 at "
+        f"{REF_TOL:g}).\n"
+        "x backsolve: time / jaxode backsolve seminorm's time; torch 1-thread rows are "
+        f"timed in their own\n  interleaved run ({cfg['torch_repeats']} samples) with "
+        f"jaxode backsolve (median {ms(bs_time_torch_run)} ms there); torch's default "
+        "thread\n  count: 2 samples, against the JAX rows' backsolve median (threads "
+        "oversubscribe a loaded machine).\n"
+        "torchdiffeq odeint: backprop through the solver's operations, so no backward "
+        "evaluations of f;\n  torchdiffeq's adjoint norm: max of per-tensor RMS norms "
+        "(y, a_y, each parameter).")
+    print(table(
+        f"(time) gradient of mean(z^2): MLP 2(+t)-64-64-2, batch {BATCH} joint, {NUM_TS} "
+        f"outputs on [0, {T_END:g}], dopri5 rtol={RTOL:g} atol={ATOL:g}, float32",
+        ["system", "fwd NFE", "bwd NFE", "jaxode stats", "steady ms", "compile s",
+         "1st call s", "grad err", "x backsolve"], printed, note))
 
 
 def _sweep_table(systems, g_ref, cfg) -> dict:

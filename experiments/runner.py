@@ -268,124 +268,33 @@ def _check_resumable(cfg, out_dir: str, config_file: str | None) -> None:
 
 def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress,
          overrides) -> RunResult:
-    devices = jax.devices()
-    if cfg.devices is not None:
-        if cfg.devices > len(devices):
-            raise ConfigError(config_file, "devices",
-                              f"{cfg.devices} requested but only {len(devices)} available")
-        devices = devices[: cfg.devices]
-    parallel = DataParallel(devices)
+    parallel = _data_parallel(cfg, config_file)
     main = parallel.is_main
     say = (lambda text: print(text, file=stream, flush=True)) if main else (lambda text: None)
-    if cfg.train.batch_size % parallel.size:
-        raise ConfigError(
-            config_file, "train.batch_size",
-            f"{cfg.train.batch_size} is not a multiple of the {parallel.size} devices",
-        )
     meta = checkpoint.read_meta(out_dir)
     if meta is not None:
         _check_resumable(cfg, out_dir, config_file)
     ctx = Context(cfg=cfg, out_dir=out_dir, config_file=config_file, parallel=parallel,
                   dtype=np.dtype(cfg.dtype))
-    key = jax.random.PRNGKey(cfg.seed)
-    init_key, train_key = jax.random.split(key)
-    warm_key = (experiment_cls, _signature(cfg), tuple(d.id for d in parallel.devices),
-                bool(jax.config.read("jax_enable_x64")))
-    if _WARM and _WARM[0] == warm_key:
-        # The same experiment as the last run in this process: reuse its data and its
-        # compiled functions (an experiment is a pure function of its config).
-        experiment, tx, schedule, train_step = _WARM[1:]
-        experiment.cfg, experiment.ctx = cfg, ctx
-    else:
-        _WARM.clear()
-        experiment = experiment_cls(cfg, ctx)  # loads the data: config errors surface here
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        train_step = make_train_step(experiment, tx, parallel)
-        _WARM.extend([warm_key, experiment, tx, schedule, train_step])
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    experiment, tx, schedule, train_step = _prepare(experiment_cls, cfg, ctx)
     models = experiment.init_models(init_key)
     names = list(models)  # the experiment's order (jax's tree functions sort dict keys)
-    opt_states = {name: tx.init(params_of(m)) for name, m in models.items()}
-
-    step, train_time, pending = 0, 0.0, []
+    books = _Books(cfg, out_dir, parallel, train_key, schedule, models,
+                   {name: tx.init(params_of(m)) for name, m in models.items()})
     if meta is not None:
-        (models, opt_states), meta = checkpoint.load(out_dir, (models, opt_states))
-        step, train_time = int(meta["step"]), float(meta.get("train_time", 0.0))
-        pending = list(meta.get("pending", []))
-        if meta.get("rng") is not None and meta["rng"] != _key_list(train_key):
-            raise ConfigError(config_file, "seed", f"does not match the checkpoint in {out_dir}")
-        say(f"resuming {cfg.name} from step {step} ({out_dir})")
+        books.resume(config_file)
+        say(f"resuming {cfg.name} from step {books.step} ({out_dir})")
     if main:
         os.makedirs(out_dir, exist_ok=True)
         checkpoint.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step if meta else None, enabled=main)
+    books.open_log(resumed=meta is not None)
+    books.models, books.opt_states = parallel.replicate((books.models, books.opt_states))
 
-    models, opt_states = parallel.replicate((models, opt_states))
-    total = cfg.train.steps
-    target = total if cfg.train.stop_after is None else min(total, step + cfg.train.stop_after)
-
-    unlogged = []  # device values of the steps since the last log line
-
-    def save():
-        pending.extend(_to_floats(unlogged))
-        unlogged.clear()
-        if main:
-            checkpoint.save(out_dir, step, (models, opt_states), {
-                "rng": _key_list(train_key), "seed": cfg.seed, "train_time": train_time,
-                "pending": pending, "kind": cfg.kind, "total_steps": total,
-                "devices": parallel.size, "jax": jax.__version__,
-            })
-
-    def flush_log():
-        pending.extend(_to_floats(unlogged))
-        unlogged.clear()
-        record = {"step": step, "split": "train"}
-        for name in pending[0] if pending else ():
-            record[name] = float(np.mean([p[name] for p in pending]))
-        record["lr"] = float(schedule(step - 1))
-        record["train_time"] = round(train_time, 3)
-        pending.clear()
-        log.write(record)
-        return record
-
-    status = "complete"
-    bar = Progress(total, step, experiment.progress_fields, enabled=show_progress and main,
-                   stream=stream, models=names)
-    try:
-        with _StopFlag(bar) as stop:
-            if step < target:
-                bar.message(f"training {cfg.name}: {', '.join(names)} for {total} steps "
-                            f"from step {step}; the first step includes compiling it")
-            first = True
-            clock = time.perf_counter()
-            while step < target:
-                batch = parallel.shard_batch(experiment.batch(step))
-                key = jax.random.fold_in(train_key, step)
-                models, opt_states, loss, metrics = train_step(models, opt_states, batch, key)
-                unlogged.append({"loss": loss, **metrics})
-                step += 1
-                now = time.perf_counter()
-                train_time, clock = train_time + (now - clock), now
-                if step % cfg.train.log_every == 0 or step == total:
-                    bar.log(step, flush_log())
-                elif first:  # shown, not logged: the first line comes after one step
-                    bar.log(step, _to_floats(unlogged[-1:])[0])
-                first = False
-                bar.advance(step)
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                    log.write({"step": step, "split": "eval",
-                               **_floats(experiment.evaluate(models, step))})
-                if step % cfg.train.checkpoint_every == 0 or step == target or stop.requested:
-                    save()
-                if stop.requested:
-                    status = "interrupted"
-                    break
-                clock = time.perf_counter()  # evaluation and saving are not training time
-    except KeyboardInterrupt:
-        status = "interrupted"
-        save()
-    finally:
-        bar.close()
-
+    bar = Progress(cfg.train.steps, books.step, experiment.progress_fields,
+                   enabled=show_progress and main, stream=stream, models=names)
+    status = _train(experiment, train_step, books, bar)
+    step, total = books.step, cfg.train.steps
     if status == "interrupted":
         say(f"interrupted at step {step}/{total}; checkpoint saved in {out_dir}; "
             "run the same command again to resume")
@@ -394,26 +303,168 @@ def _run(experiment_cls, cfg, config_file, out_dir, stream, show_progress,
         say(f"stopped after step {step}/{total} (train.stop_after); checkpoint saved in "
             f"{out_dir}; run the same command again to resume")
         return RunResult("stopped", step, out_dir)
+    return _complete(experiment, books, ctx, say, overrides)
 
-    if not any(r.get("step") == step for r in log.split("eval")):
-        log.write({"step": step, "split": "eval", **_floats(experiment.evaluate(models, step))})
+
+def _data_parallel(cfg, config_file) -> DataParallel:
+    """The devices of the run (`devices:`), checked against the batch size."""
+    devices = jax.devices()
+    if cfg.devices is not None:
+        if cfg.devices > len(devices):
+            raise ConfigError(config_file, "devices",
+                              f"{cfg.devices} requested but only {len(devices)} available")
+        devices = devices[: cfg.devices]
+    parallel = DataParallel(devices)
+    if cfg.train.batch_size % parallel.size:
+        raise ConfigError(
+            config_file, "train.batch_size",
+            f"{cfg.train.batch_size} is not a multiple of the {parallel.size} devices",
+        )
+    return parallel
+
+
+def _prepare(experiment_cls, cfg, ctx):
+    """(experiment, tx, schedule, train_step): from the last run in this process when it
+    was the same experiment (an experiment is a pure function of its config), reusing its
+    data and its compiled functions."""
+    warm_key = (experiment_cls, _signature(cfg), tuple(d.id for d in ctx.parallel.devices),
+                bool(jax.config.read("jax_enable_x64")))
+    if _WARM and _WARM[0] == warm_key:
+        experiment, tx, schedule, train_step = _WARM[1:]
+        experiment.cfg, experiment.ctx = cfg, ctx
+        return experiment, tx, schedule, train_step
+    _WARM.clear()
+    experiment = experiment_cls(cfg, ctx)  # loads the data: config errors surface here
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    train_step = make_train_step(experiment, tx, ctx.parallel)
+    _WARM.extend([warm_key, experiment, tx, schedule, train_step])
+    return experiment, tx, schedule, train_step
+
+
+class _Books:
+    """A run's training state (models, optimizer states, step, training time) and its
+    books: the metrics not yet logged, the log, the checkpoints."""
+
+    def __init__(self, cfg, out_dir, parallel, train_key, schedule, models, opt_states):
+        self.cfg, self.out_dir, self.parallel = cfg, out_dir, parallel
+        self.train_key, self.schedule = train_key, schedule
+        self.models, self.opt_states = models, opt_states
+        self.step, self.train_time = 0, 0.0
+        self.pending = []  # host values of the steps since the last log line
+        self.unlogged = []  # device values of the steps not yet moved to `pending`
+        self.log = None
+
+    def resume(self, config_file) -> None:
+        """The state of the checkpoint in out_dir."""
+        (self.models, self.opt_states), meta = checkpoint.load(
+            self.out_dir, (self.models, self.opt_states))
+        self.step, self.train_time = int(meta["step"]), float(meta.get("train_time", 0.0))
+        self.pending = list(meta.get("pending", []))
+        if meta.get("rng") is not None and meta["rng"] != _key_list(self.train_key):
+            raise ConfigError(config_file, "seed",
+                              f"does not match the checkpoint in {self.out_dir}")
+
+    def open_log(self, resumed: bool) -> None:
+        self.log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
+                              self.step if resumed else None, enabled=self.parallel.is_main)
+
+    def _collect(self) -> None:
+        self.pending.extend(_to_floats(self.unlogged))
+        self.unlogged.clear()
+
+    def save(self) -> None:
+        self._collect()
+        if self.parallel.is_main:
+            cfg = self.cfg
+            checkpoint.save(self.out_dir, self.step, (self.models, self.opt_states), {
+                "rng": _key_list(self.train_key), "seed": cfg.seed,
+                "train_time": self.train_time, "pending": self.pending, "kind": cfg.kind,
+                "total_steps": cfg.train.steps, "devices": self.parallel.size,
+                "jax": jax.__version__,
+            })
+
+    def flush_log(self) -> dict:
+        """Log the mean of the pending steps' metrics as one "train" record."""
+        self._collect()
+        record = {"step": self.step, "split": "train"}
+        for name in self.pending[0] if self.pending else ():
+            record[name] = float(np.mean([p[name] for p in self.pending]))
+        record["lr"] = float(self.schedule(self.step - 1))
+        record["train_time"] = round(self.train_time, 3)
+        self.pending.clear()
+        self.log.write(record)
+        return record
+
+    def evaluate(self, experiment) -> None:
+        self.log.write({"step": self.step, "split": "eval",
+                        **_floats(experiment.evaluate(self.models, self.step))})
+
+
+def _train(experiment, train_step, books: _Books, bar) -> str:
+    """Train up to `train.steps` (or `train.stop_after` more): "complete", or
+    "interrupted" (Ctrl-C: the checkpoint is saved after the current step)."""
+    cfg, parallel = books.cfg, books.parallel
+    total, stop_after = cfg.train.steps, cfg.train.stop_after
+    target = total if stop_after is None else min(total, books.step + stop_after)
+    try:
+        with _StopFlag(bar) as stop:
+            if books.step < target:
+                bar.message(f"training {cfg.name}: {', '.join(bar.models)} for {total} steps "
+                            f"from step {books.step}; the first step includes compiling it")
+            first, clock = True, time.perf_counter()
+            while books.step < target:
+                batch = parallel.shard_batch(experiment.batch(books.step))
+                key = jax.random.fold_in(books.train_key, books.step)
+                books.models, books.opt_states, loss, metrics = train_step(
+                    books.models, books.opt_states, batch, key)
+                books.unlogged.append({"loss": loss, **metrics})
+                books.step += 1
+                step, now = books.step, time.perf_counter()
+                books.train_time += now - clock
+                if step % cfg.train.log_every == 0 or step == total:
+                    bar.log(step, books.flush_log())
+                elif first:  # shown, not logged: the first line comes after one step
+                    bar.log(step, _to_floats(books.unlogged[-1:])[0])
+                first = False
+                bar.advance(step)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                    books.evaluate(experiment)
+                if step % cfg.train.checkpoint_every == 0 or step == target or stop.requested:
+                    books.save()
+                if stop.requested:
+                    return "interrupted"
+                clock = time.perf_counter()  # evaluation and saving are not training time
+    except KeyboardInterrupt:
+        books.save()
+        return "interrupted"
+    finally:
+        bar.close()
+    return "complete"
+
+
+def _complete(experiment, books: _Books, ctx, say, overrides) -> RunResult:
+    """The final evaluation, the report and the summary of a complete run."""
+    cfg, step, main = ctx.cfg, books.step, ctx.is_main
+    if not any(r.get("step") == step for r in books.log.split("eval")):
+        books.evaluate(experiment)
     if not main:  # every process runs the report's computations; only process 0 keeps files
         import tempfile
 
         experiment.ctx = dataclasses.replace(ctx, out_dir=tempfile.mkdtemp(prefix="jaxode-"))
-    report = experiment.report(models, log)
+    report = experiment.report(books.models, books.log)
     report.notes = list(report.notes) + list(cfg.notes)
     summary = None
     if main:
-        header = {"config": config_file or "-",
+        header = {"config": ctx.config_file or "-",
                   "overrides": " ".join(f"`--set {o}`" for o in overrides) or "none",
-                  "kind": cfg.kind, "steps": step, "seed": cfg.seed, "devices": parallel.size,
-                  "train time (s)": round(train_time, 1), "outputs": out_dir}
-        summary = report.write(out_dir, header)
-        say(f"\n{report.title} ({cfg.name}, {step} steps, {train_time:.1f} s training)\n")
+                  "kind": cfg.kind, "steps": step, "seed": cfg.seed,
+                  "devices": ctx.parallel.size, "train time (s)": round(books.train_time, 1),
+                  "outputs": ctx.out_dir}
+        summary = report.write(ctx.out_dir, header)
+        say(f"\n{report.title} ({cfg.name}, {step} steps, {books.train_time:.1f} s training)\n")
         say(report.table())
         say(f"\nsummary: {summary}")
-    return RunResult("complete", step, out_dir, report if main else None, summary)
+    return RunResult("complete", step, ctx.out_dir, report if main else None, summary)
 
 
 # Keys that do not change what the experiment computes (only how long and how often).
