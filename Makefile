@@ -18,11 +18,14 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check jaxode tests benchmarks experiments docs/hooks.py hatch_build.py
 
+# One pytest-xdist worker a core (at most 4: each holds its own compiled programs).
+XDIST := -n auto --maxprocesses 4
+
 test: lint
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" $(XDIST)
 
 test-all: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(XDIST)
 
 run: setup
 	$(BIN)/jaxode run odenet_digits_quick

@@ -7,8 +7,14 @@ signal-based timeout would not fire; faulthandler's watchdog thread does).
 """
 
 import faulthandler
+import os
 import pathlib
 import sys
+
+# One thread a process: two pytest-xdist workers share two cores (`make test`). A user's
+# own XLA_FLAGS win.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                      "intra_op_parallelism_threads=1")
 
 # Import the working tree's jaxode even where the package is not installed.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

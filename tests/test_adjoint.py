@@ -461,6 +461,7 @@ def test_failed_backward_solve_raises(argnums):
         jax.block_until_ready(_failing_backward(argnums)(z0, p))
 
 
+@pytest.mark.slow  # the fast suite has test_direct_with_batch_axis_matches_vmap_and_backsolve
 def test_vmapped_direct_gradient_with_unequal_step_counts():
     """Lanes that finish early still run the step with dt = 0: no NaN may leak into the
     gradient, which must equal the sum of the per-sample gradients."""
@@ -502,10 +503,16 @@ def test_flat_adjoint_keywords_are_refused_naming_the_backsolve_field(name):
 
 
 def test_adjoint_strings_are_the_objects():
-    for name, adjoint in [("backsolve", jaxode.Backsolve()), ("direct", jaxode.Direct())]:
-        by_name = jax.grad(functools.partial(_small_loss, adjoint=name))(P0, Z0_SMALL)
-        by_object = jax.grad(functools.partial(_small_loss, adjoint=adjoint))(P0, Z0_SMALL)
-        np.testing.assert_array_equal(by_name, by_object)
+    from jaxode.adjoint import resolve_adjoint
+
+    for name, adjoint in [("backsolve", jaxode.Backsolve()), ("direct", jaxode.Direct()),
+                          ("forward", jaxode.Forward())]:
+        assert resolve_adjoint(name) == adjoint
+    # The same gradient program (it differs for other settings).
+    program = lambda adjoint: str(jax.make_jaxpr(jax.grad(functools.partial(
+        _small_loss, adjoint=adjoint)))(P0, Z0_SMALL))
+    assert program("backsolve") == program(jaxode.Backsolve())
+    assert program("backsolve") != program(jaxode.Backsolve(rtol=1e-3))
 
 
 def test_backsolve_object_validation():
@@ -575,7 +582,8 @@ def test_lanes_backward_nfe_counts_the_quadrature():
     np.testing.assert_allclose(grads, vmapped, rtol=1e-7)
 
 
-@pytest.mark.parametrize("num_outputs", [5, 40, 400])
+@pytest.mark.parametrize("num_outputs", [pytest.param(5, marks=pytest.mark.slow), 40,
+                                         pytest.param(400, marks=pytest.mark.slow)])
 def test_direct_with_batch_axis_matches_vmap_and_backsolve(num_outputs):
     """Direct + batch_axis (each sample its own steps): the same values and gradient as
     jax.vmap of single solves, with few outputs (5), a few a step (40) and many (400).
@@ -605,8 +613,7 @@ def test_direct_outputs_from_the_window_and_from_every_row():
     """Direct's outputs are written from a window of the next outputs, or from every
     output row when a step passes more than the window: a solve with both kinds of step
     (dense outputs first, then sparse ones) gives the forward solve's outputs, and the
-    gradient of each output that one solve per output gives (the steps do not depend on
-    the outputs)."""
+    derivative that forward mode takes of that same discrete solve."""
     from jaxode.loop import SAVE_WINDOW
 
     dense = jnp.linspace(0.05, 2.0, 6 * SAVE_WINDOW)  # many outputs a step
@@ -617,7 +624,6 @@ def test_direct_outputs_from_the_window_and_from_every_row():
     # Fewer steps in all than windows of the dense outputs: some step passed more.
     assert int(sol.stats["num_accepted"]) < dense.shape[0] // SAVE_WINDOW
     np.testing.assert_allclose(sol.zs, solve(P0, ts, "backsolve").zs, rtol=1e-13, atol=1e-15)
-    loss = lambda p: jnp.sum(solve(p, ts).zs[1:-2] ** 2)
-    one = lambda p, t: jnp.sum(solve(p, jnp.stack([ts[0], t, ts[-1]])).zs[1] ** 2)
-    each = jax.vmap(jax.grad(one), in_axes=(None, 0))(P0, dense)
-    np.testing.assert_allclose(jax.grad(loss)(P0), jnp.sum(each, axis=0), rtol=1e-10)
+    loss = lambda adjoint: (lambda p: jnp.sum(solve(p, ts, adjoint).zs[1:-2] ** 2))
+    np.testing.assert_allclose(jax.grad(loss("direct"))(P0), jax.jacfwd(loss("forward"))(P0),
+                               rtol=1e-10)

@@ -12,6 +12,9 @@ import pytest
 import jaxode
 from jaxode import events
 
+# Direct's event gradients run fast in TestFallingBall; its other variants in the slow suite.
+SLOW_DIRECT = pytest.param("direct", marks=pytest.mark.slow)
+
 G = 9.81
 TS = jnp.linspace(0.0, 2.0, 5)
 
@@ -63,13 +66,13 @@ class TestFallingBall:
         jacobian = jax.jacfwd(impact_time, (0, 1))(1.0, G, "forward")
         chex.assert_trees_all_close(jacobian, jax.grad(impact, (0, 1))(1.0, G), rtol=1e-7)
 
-    @pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+    @pytest.mark.parametrize("adjoint", ["backsolve", SLOW_DIRECT])
     def test_start_time_gradient(self, adjoint):
         # The impact comes sqrt(2h/g) after the start, wherever it is.
         start = lambda t0: impact_time(1.0, G, adjoint, ts=TS.at[0].set(t0))
         assert abs(float(jax.grad(start)(0.0)) - 1.0) < 1e-8
 
-    @pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+    @pytest.mark.parametrize("adjoint", ["backsolve", SLOW_DIRECT])
     def test_loss_on_outputs_after_the_event(self, adjoint):
         # zs[-1] is the event state: its velocity -sqrt(2 h g).
         loss = lambda h: jaxode.odeint(fall, jnp.stack([h, 0.0]), TS, G, event=FLOOR,
@@ -95,7 +98,7 @@ class TestBatches:
         chex.assert_trees_all_close(grads, jax.grad(lambda hs: impact(hs, G).sum())(self.heights),
                                     rtol=1e-7)
 
-    @pytest.mark.parametrize("adjoint", ["backsolve", "direct"])
+    @pytest.mark.parametrize("adjoint", ["backsolve", SLOW_DIRECT])
     def test_batch_axis(self, adjoint):
         z0 = jnp.stack([self.heights, jnp.zeros(3)], axis=1)
 
@@ -220,7 +223,7 @@ class TestSemantics:
         expected = -(-t * np.exp(-k * t)) / (-k * np.exp(-k * t) + 0.25)
         assert abs(float(jax.grad(hit)(1.0)) - expected) < 1e-6
 
-    @pytest.mark.parametrize("adjoint", ["backsolve", "direct", "forward"])
+    @pytest.mark.parametrize("adjoint", ["backsolve", SLOW_DIRECT, "forward"])
     def test_cond_with_parameters(self, adjoint):
         # A floor at height p["floor"]: the impact sqrt(2 (1 - floor) / g) after the drop.
         field = lambda z, t, p: jnp.array([z[1], -p["g"]])

@@ -71,7 +71,7 @@ def jax_side(fun):
     return lambda y, t, *a: fun(jnp, y, t, *a)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 def test_pendulum_with_list_state_and_gradients(dtype):
     ts = np.linspace(0.0, 1.0, 11)
     check_gradients(pendulum, [np.pi - 0.1, 0.0], ts, (0.25, 9.8), dtype)
@@ -82,7 +82,7 @@ def test_pendulum_with_list_state_and_gradients(dtype):
     np.testing.assert_allclose(np.stack(zs, 1), expected, atol=tolerance(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 def test_pytree_state_gradients(dtype):
     fun = lambda y, t: jax.tree_util.tree_map(jnp.negative, y)
     y0 = (np.array(-0.1), np.array([[[0.1]]]))
