@@ -119,6 +119,31 @@ class TestBatches:
 
 
 class TestSemantics:
+    def test_the_event_ends_the_solve_whatever_t_end_rounds_to(self):
+        """After a crossing the loop's t and t_end hold one value computed twice, which
+        XLA may round apart: the solve ends (and keeps its state) one ulp either side."""
+        from jaxode import events, loop
+
+        taus = jnp.array([0.0, 2.0])
+        static = loop.Static(jaxode.Dopri5(), jaxode.PIController(), 100)
+        traced = loop.Traced(jnp.asarray(1e-6), jnp.asarray(1e-8), jnp.asarray(0.1))
+        event = events.Event(lambda t, z: z[0], -1)
+        pieces = loop.Loop(lambda t, z: jnp.array([z[1], -G]), jnp.array([1.0, 0.0]), taus,
+                           static, traced, event)
+        c = pieces.init()
+        t_event = jnp.asarray(impact(1.0, G))
+        for t in (jnp.nextafter(t_event, 10.0), jnp.nextafter(t_event, -10.0)):
+            done = c._replace(t=t, t_end=t_event, z=jnp.array([0.0, -4.0]),
+                              event_happened=jnp.asarray(True))
+            assert not bool(pieces.unfinished(done))
+            np.testing.assert_array_equal(pieces.finish(done).zs[-1], done.z)
+
+    def test_an_event_on_the_last_allowed_step_is_a_success(self):
+        steps = int(jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G, event=FLOOR)
+                    .stats["num_steps"])
+        sol = jaxode.solve(fall, jnp.array([1.0, 0.0]), TS, G, event=FLOOR, max_steps=steps)
+        assert bool(sol.event_happened) and int(sol.status) == 0
+
     def test_decreasing_ts(self):
         # Backwards in time from rest the height falls as well: the impact is at -sqrt(2h/g).
         back = -TS
