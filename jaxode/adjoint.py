@@ -515,14 +515,27 @@ def _direct(ff, settings, z0, ts, params, consts, tols):
     return _solve(ff, settings, z0, ts, params, consts, tols)
 
 
-def _direct_fwd(ff, settings, *args):
-    result, pullback = jax.vjp(lambda *a: _solve(ff, settings, *a), *args)
-    return result, (pullback, result.status)
+def _direct_fwd(ff, settings, *primals):
+    # Only the inputs being differentiated are linearised: with ts held fixed (as a loss
+    # of z0 or params holds them), t and dt carry no tangent through the steps.
+    leaves, treedef = jax.tree_util.tree_flatten(primals, is_leaf=_is_primal)
+    moving = [leaf.perturbed for leaf in leaves]
+    values = [leaf.value for leaf in leaves]
+
+    def run(*varied):
+        varied = iter(varied)
+        args = treedef.unflatten([next(varied) if m else v for m, v in zip(moving, values)])
+        return _solve(ff, settings, *args)
+
+    result, pullback = jax.vjp(run, *[v for m, v in zip(moving, values) if m])
+    return result, (pullback, result.status, _Varied(treedef, tuple(moving)))
 
 
 def _direct_bwd(ff, settings, residuals, cotangents):
-    pullback, status = residuals
-    bars = first_order_only(_DIRECT_ONCE, pullback)(cotangents)
+    pullback, status, inputs = residuals
+    cotangents = jax.tree_util.tree_map(_instantiate, cotangents, is_leaf=_is_zero)
+    varied = iter(first_order_only(_DIRECT_ONCE, pullback)(cotangents))
+    bars = inputs.treedef.unflatten([next(varied) if m else None for m in inputs.moving])
     if not settings.throw:
         return bars
     # A gradient that uses no output of the failed solve still learns of it.
@@ -530,7 +543,26 @@ def _direct_bwd(ff, settings, residuals, cotangents):
     return eqx.combine(loop.raise_if_failed(differentiable, status), rest)
 
 
-_direct.defvjp(_direct_fwd, _direct_bwd)
+class _Varied(eqx.Module):
+    """Which of _direct's input leaves were linearised (static: no arrays)."""
+
+    treedef: object = eqx.field(static=True)
+    moving: tuple = eqx.field(static=True)  # per leaf: perturbed
+
+
+_is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
+_is_zero = lambda x: isinstance(x, jax.custom_derivatives.SymbolicZero)  # noqa: E731
+
+
+def _instantiate(cotangent):
+    if not _is_zero(cotangent):
+        return cotangent
+    if cotangent.dtype == jax.dtypes.float0:  # of an integer output
+        return np.zeros(cotangent.shape, jax.dtypes.float0)
+    return jnp.zeros(cotangent.shape, cotangent.dtype)
+
+
+_direct.defvjp(_direct_fwd, _direct_bwd, symbolic_zeros=True)
 _DIRECT_ONCE = ("adjoint: Direct() differentiates once in reverse mode; for gradients of "
                 "gradients use adjoint='backsolve', for forward mode adjoint='forward'")
 

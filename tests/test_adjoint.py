@@ -176,6 +176,24 @@ def test_gradient_matches_finite_differences(adjoint, direction):
     assert np.all(np.abs(grads[1]) > 1e-3)
 
 
+def test_direct_linearises_only_the_inputs_being_differentiated():
+    """Direct differentiates only the leaves a gradient asks for (here one leaf of the
+    state, one of the params, and ts held fixed): those parts equal the full gradient's."""
+    z0, ts, params, c = _args("increasing")
+    tols = tolerances(GRAD_TOL)
+
+    @jax.jit
+    def partial_grad(v, w1):
+        return jax.grad(lambda v, w1: loss((z0[0], v), ts, {**params, "W1": w1}, c, tols,
+                                           adjoint="direct"), argnums=(0, 1))(v, w1)
+
+    v_bar, w1_bar = partial_grad(z0[1], params["W1"])
+    full = cached_gradient("increasing", "direct")[1]
+    assert np.max(np.abs(full[0][1])) > 1e-2 and np.max(np.abs(full[2]["W1"])) > 1e-2
+    np.testing.assert_allclose(v_bar, full[0][1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(w1_bar, full[2]["W1"], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("direction", ["increasing", "decreasing"])
 def test_backsolve_agrees_with_direct(direction):
     value_b, grads_b = cached_gradient(direction, "backsolve")
