@@ -194,6 +194,20 @@ def test_direct_linearises_only_the_inputs_being_differentiated():
     np.testing.assert_allclose(w1_bar, full[2]["W1"], rtol=1e-12, atol=1e-12)
 
 
+def test_direct_unrolls_the_default_stage_loop_of_small_states():
+    """Direct differentiates an explicit RK method's stages unrolled below
+    DIRECT_STAGE_LOOP_SIZE elements; a stage loop the user asked for, a large state and
+    other solvers are left as they are."""
+    from jaxode.adjoint import DIRECT_STAGE_LOOP_SIZE, _differentiated
+
+    small, large = 1024, DIRECT_STAGE_LOOP_SIZE
+    assert _differentiated(jaxode.Dopri5(), small).stage_loop is False
+    assert _differentiated(jaxode.Dopri5(), large).stage_loop is None
+    assert _differentiated(jaxode.Tsit5(stage_loop=True), small).stage_loop is True
+    kvaerno = jaxode.Kvaerno3()
+    assert _differentiated(kvaerno, small) is kvaerno
+
+
 @pytest.mark.parametrize("direction", ["increasing", "decreasing"])
 def test_backsolve_agrees_with_direct(direction):
     value_b, grads_b = cached_gradient(direction, "backsolve")
