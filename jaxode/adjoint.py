@@ -120,6 +120,7 @@ class Residuals(NamedTuple):
     params: object
     consts: tuple
     tols: object
+    varied: _Static | None = None  # per leaf of (params, consts): differentiated (None: all)
 
 
 class Tolerances(NamedTuple):
@@ -146,7 +147,7 @@ def _solve(ff, settings: Settings, z0, ts, params, consts, tols: Tolerances):
                       tols.forward(), event)
 
 
-def _residuals(result, ts, params, consts, tols) -> Residuals:
+def _residuals(result, ts, params, consts, tols, varied=None) -> Residuals:
     """The residuals of a solve (result.zs (len(ts), n), or (lanes, len(ts), n)). After an
     event the outputs hold z at the event time, so the backward pass takes them there:
     the intervals between them have zero length."""
@@ -154,11 +155,13 @@ def _residuals(result, ts, params, consts, tols) -> Residuals:
     times = jnp.broadcast_to(ts, zs.shape[:2])
     status = jnp.reshape(result.status, (-1,))
     if result.event_time is None:
-        return Residuals(zs, times, jnp.ones(times.shape, bool), status, params, consts, tols)
+        return Residuals(zs, times, jnp.ones(times.shape, bool), status, params, consts, tols,
+                         varied)
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(ts.dtype)
     t_event = jnp.reshape(result.event_time, (-1, 1))
     live = ~jnp.reshape(result.event_happened, (-1, 1)) | (direction * times < direction * t_event)
-    return Residuals(zs, jnp.where(live, times, t_event), live, status, params, consts, tols)
+    return Residuals(zs, jnp.where(live, times, t_event), live, status, params, consts, tols,
+                     varied)
 
 
 # ------------------------------------------------------------------ joint backsolve
@@ -169,21 +172,22 @@ def _backsolve(ff, settings, z0, ts, params, consts, tols):
     return _solve(ff, settings, z0, ts, params, consts, tols)
 
 
-def _backsolve_fwd(ff, settings, z0, ts, params, consts, tols):
+def _backsolve_fwd(ff, settings, *primals):
     # The custom_vjp function itself, not its body: differentiating the residuals again
     # (gradients of gradients) then uses the adjoint method too.
+    (z0, ts, params, consts, tols), varied = _unwrap(primals)
     result = _backsolve(ff, settings, z0, ts, params, consts, tols)
-    return result, _residuals(result, ts, params, consts, tols)
+    return result, _residuals(result, ts, params, consts, tols, _Static(varied[2:4]))
 
 
 def _backsolve_bwd(ff, settings, residuals, cotangents):
     accumulator = accumulator_for(settings, residuals, _JointAccumulator)
-    bars, _ = backward(ff, settings, residuals, cotangents.zs[None], accumulator)
+    bars, _ = backward(ff, settings, residuals, _instantiate(cotangents.zs)[None], accumulator)
     z0_bar, *rest = bars
     return (z0_bar[0], *rest, _zeros_like(residuals.tols))
 
 
-_backsolve.defvjp(_backsolve_fwd, _backsolve_bwd)
+_backsolve.defvjp(_backsolve_fwd, _backsolve_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -191,18 +195,19 @@ def _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols):
     return jax.vmap(lambda z0: _solve(ff, settings, z0, ts, params, consts, tols))(z0s)
 
 
-def _backsolve_lanes_fwd(ff, settings, z0s, ts, params, consts, tols):
+def _backsolve_lanes_fwd(ff, settings, *primals):
+    (z0s, ts, params, consts, tols), varied = _unwrap(primals)
     result = _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols)
-    return result, _residuals(result, ts, params, consts, tols)
+    return result, _residuals(result, ts, params, consts, tols, _Static(varied[2:4]))
 
 
 def _backsolve_lanes_bwd(ff, settings, residuals, cotangents):
     accumulator = accumulator_for(settings, residuals, _LaneAccumulator)
-    bars, _ = backward(ff, settings, residuals, cotangents.zs, accumulator)
+    bars, _ = backward(ff, settings, residuals, _instantiate(cotangents.zs), accumulator)
     return (*bars, _zeros_like(residuals.tols))
 
 
-_backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
+_backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------ the backward skeleton
@@ -211,12 +216,13 @@ _backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd)
 def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
     """The adjoint solves, for lanes zs (lanes, len(ts), n) (one lane: a joint solve).
     Returns the cotangents of (z0s, ts, params, consts) and each lane's backward NFE."""
-    zs, ts, live, forward_status, params, consts, tols = residuals
+    zs, ts, live, forward_status, params, consts, tols, varied = residuals
     num_lanes, num_outputs, n = zs.shape
     real = ts.dtype
     g = g.astype(zs.dtype)
-    theta, unravel_theta, field = _parameter_view(ff, params, consts)
-    acc = accumulator(ff, field, theta, settings, tols, params, consts, n)
+    view = _parameter_view(ff, params, consts, None if varied is None else varied.value)
+    theta, field = view.theta, view.field
+    acc = accumulator(ff, view, settings, tols, params, consts, n)
 
     f_out = jax.vmap(jax.vmap(lambda z, t: field(z, t, theta)))(zs, ts)
     ts_bar = jnp.real(jnp.sum(g * f_out, axis=2))
@@ -228,7 +234,7 @@ def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
         status = jnp.where(forward_status != loop.SUCCESS, forward_status, status)
     # On every cotangent: an unused one (and its check) may be dropped as dead code.
     z0_bar, ts_bar, a_theta = loop.raise_if_failed((a + g[:, 0], ts_bar, a_theta), status)
-    params_bar, consts_bar = _theta_cotangent(unravel_theta(a_theta), params, consts)
+    params_bar, consts_bar = _theta_cotangent(view.unravel(a_theta), params, consts)
     return (z0_bar, ts_bar.astype(real), params_bar, consts_bar), nfe
 
 
@@ -272,8 +278,8 @@ class _IntervalScan(_Accumulator):
 class _JointAccumulator(_IntervalScan):
     """a_θ as part of the backward ODE state (z, a, a_θ), one lane."""
 
-    def __init__(self, ff, field, theta, settings, tols, params, consts, n):
-        self.settings, self.tols, self.n, self.theta = settings, tols, n, theta
+    def __init__(self, ff, view, settings, tols, params, consts, n):
+        self.settings, self.tols, self.n, self.theta = settings, tols, n, view.theta
         self.params, self.consts = params, consts
         error_size = 2 * n if settings.seminorm else None
         self.inner = Settings(_backward_static(settings, error_size), settings.backward_solver,
@@ -281,8 +287,8 @@ class _JointAccumulator(_IntervalScan):
 
         def augmented(y, t, params_, *consts_):
             """d/dt (z, a, a_θ) = (f, -aᵀ∂f/∂z, -aᵀ∂f/∂θ): one vjp of f per call."""
-            diff = _split((params_, consts_))[0]
-            fz, vjp = jax.vjp(lambda z_, d_: field(z_, t, d_), y[:n], diff)
+            fz, vjp = jax.vjp(lambda z_, d_: view.field(z_, t, d_), y[:n],
+                              view.select(params_, consts_))
             a_z, a_theta = vjp(y[n: 2 * n])
             return jnp.concatenate([fz, -a_z, -ravel_pytree(a_theta)[0].astype(y.dtype)])
 
@@ -324,13 +330,14 @@ class _JointAccumulator(_IntervalScan):
 class _LaneAccumulator(_Accumulator):
     """a_θ as a quadrature over the stages of every lane's accepted steps."""
 
-    def __init__(self, ff, field, theta, settings, tols, params, consts, n):
+    def __init__(self, ff, view, settings, tols, params, consts, n):
         solver = settings.backward_solver
         if not isinstance(solver, ExplicitRK):
             raise TypeError("adjoint: a batch_axis backward pass needs an explicit Runge-Kutta "
                             f"Backsolve.solver, got {solver!r}; pass e.g. "
                             "adjoint=jaxode.Backsolve(solver='dopri5')")
-        self.field, self.theta, self.settings, self.tols, self.n = field, theta, settings, tols, n
+        self.field, self.theta, self.settings, self.tols, self.n = (view.field, view.theta,
+                                                                    settings, tols, n)
         # The quadrature reuses each stage's linearisation: the stages must be unrolled.
         solver = dataclasses.replace(solver, stage_loop=False)
         self.static = _backward_static(settings._replace(backward_solver=solver))
@@ -436,8 +443,8 @@ class _StiffAccumulator(_IntervalScan):
     NODES = (np.polynomial.legendre.leggauss(3)[0] + 1) / 2
     WEIGHTS = np.polynomial.legendre.leggauss(3)[1] / 2
 
-    def __init__(self, ff, field, theta, settings, tols, params, consts, n, *, zs):
-        self.field, self.theta, self.tols, self.zs = field, theta, tols, zs
+    def __init__(self, ff, view, settings, tols, params, consts, n, *, zs):
+        self.field, self.theta, self.tols, self.zs = view.field, view.theta, tols, zs
         forward = settings.forward
         self.resolve = forward._replace(dense=True, checkpointed=False, error_size=None,
                                         progress=False)
@@ -518,24 +525,25 @@ def _direct(ff, settings, z0, ts, params, consts, tols):
 def _direct_fwd(ff, settings, *primals):
     # Only the inputs being differentiated are linearised: with ts held fixed (as a loss
     # of z0 or params holds them), t and dt carry no tangent through the steps.
-    leaves, treedef = jax.tree_util.tree_flatten(primals, is_leaf=_is_primal)
-    moving = [leaf.perturbed for leaf in leaves]
-    values = [leaf.value for leaf in leaves]
+    values, varied = _unwrap(primals)
+    leaves, treedef = jax.tree_util.tree_flatten(values)
+    moving = tuple(jax.tree_util.tree_leaves(varied))
 
-    def run(*varied):
-        varied = iter(varied)
-        args = treedef.unflatten([next(varied) if m else v for m, v in zip(moving, values)])
+    def run(*moved):
+        moved = iter(moved)
+        args = treedef.unflatten([next(moved) if m else v for m, v in zip(moving, leaves)])
         return _solve(ff, settings, *args)
 
-    result, pullback = jax.vjp(run, *[v for m, v in zip(moving, values) if m])
-    return result, (pullback, result.status, _Varied(treedef, tuple(moving)))
+    result, pullback = jax.vjp(run, *[v for m, v in zip(moving, leaves) if m])
+    return result, (pullback, result.status, _Static((treedef, moving)))
 
 
 def _direct_bwd(ff, settings, residuals, cotangents):
     pullback, status, inputs = residuals
+    treedef, moving = inputs.value
     cotangents = jax.tree_util.tree_map(_instantiate, cotangents, is_leaf=_is_zero)
-    varied = iter(first_order_only(_DIRECT_ONCE, pullback)(cotangents))
-    bars = inputs.treedef.unflatten([next(varied) if m else None for m in inputs.moving])
+    moved = iter(first_order_only(_DIRECT_ONCE, pullback)(cotangents))
+    bars = treedef.unflatten([next(moved) if m else None for m in moving])
     if not settings.throw:
         return bars
     # A gradient that uses no output of the failed solve still learns of it.
@@ -543,11 +551,10 @@ def _direct_bwd(ff, settings, residuals, cotangents):
     return eqx.combine(loop.raise_if_failed(differentiable, status), rest)
 
 
-class _Varied(eqx.Module):
-    """Which of _direct's input leaves were linearised (static: no arrays)."""
-
-    treedef: object = eqx.field(static=True)
-    moving: tuple = eqx.field(static=True)  # per leaf: perturbed
+_direct.defvjp(_direct_fwd, _direct_bwd, symbolic_zeros=True)
+DIRECT_STAGE_LOOP_SIZE = 65_536  # an ODE-Net's convolutional state loops its stages
+_DIRECT_ONCE = ("adjoint: Direct() differentiates once in reverse mode; for gradients of "
+                "gradients use adjoint='backsolve', for forward mode adjoint='forward'")
 
 
 def _differentiated(solver, n):
@@ -559,24 +566,6 @@ def _differentiated(solver, n):
     if isinstance(solver, ExplicitRK) and solver.stage_loop is None and n < DIRECT_STAGE_LOOP_SIZE:
         return dataclasses.replace(solver, stage_loop=False)
     return solver
-
-
-_is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
-_is_zero = lambda x: isinstance(x, jax.custom_derivatives.SymbolicZero)  # noqa: E731
-
-
-def _instantiate(cotangent):
-    if not _is_zero(cotangent):
-        return cotangent
-    if cotangent.dtype == jax.dtypes.float0:  # of an integer output
-        return np.zeros(cotangent.shape, jax.dtypes.float0)
-    return jnp.zeros(cotangent.shape, cotangent.dtype)
-
-
-_direct.defvjp(_direct_fwd, _direct_bwd, symbolic_zeros=True)
-DIRECT_STAGE_LOOP_SIZE = 65_536  # an ODE-Net's convolutional state loops its stages
-_DIRECT_ONCE = ("adjoint: Direct() differentiates once in reverse mode; for gradients of "
-                "gradients use adjoint='backsolve', for forward mode adjoint='forward'")
 
 
 def solve(adjoint: AbstractAdjoint, ff, settings: Settings, z0, ts, params, tols, lanes: bool):
@@ -631,6 +620,33 @@ def _closure_convert(ff, event, z, t, params):
 # ------------------------------------------------------------------ parameter views
 
 
+class _Static(eqx.Module):
+    """Static data (no arrays) carried as a custom_vjp residual."""
+
+    value: object = eqx.field(static=True)
+
+
+_is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
+_is_zero = lambda x: isinstance(x, jax.custom_derivatives.SymbolicZero)  # noqa: E731
+
+
+def _unwrap(primals):
+    """(values, varied) of a custom_vjp rule's primals (symbolic zeros on): the inputs,
+    and per leaf whether it is differentiated."""
+    values = jax.tree_util.tree_map(lambda p: p.value, primals, is_leaf=_is_primal)
+    varied = jax.tree_util.tree_map(lambda p: p.perturbed, primals, is_leaf=_is_primal)
+    return values, varied
+
+
+def _instantiate(cotangent):
+    """A (symbolic-zero) cotangent as an array."""
+    if not _is_zero(cotangent):
+        return cotangent
+    if cotangent.dtype == jax.dtypes.float0:  # of an integer output
+        return np.zeros(cotangent.shape, jax.dtypes.float0)
+    return jnp.zeros(cotangent.shape, cotangent.dtype)
+
+
 def _zeros_like(tree):
     def zero(x):
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
@@ -647,21 +663,29 @@ def _is_differentiable(x):
     )
 
 
-def _split(tree):
-    return eqx.partition(tree, _is_differentiable)
+class _View(NamedTuple):
+    """θ, the part of (params, consts) a backward pass differentiates, with its unravel,
+    the vector field as a function of it, and `select(params, consts)`: that part."""
+
+    theta: object
+    unravel: object
+    field: object
+    select: object
 
 
-def _parameter_view(ff, params, consts):
-    """θ, the differentiable part of (params, consts), with its unravel, and the vector
-    field as a function of it."""
-    theta, static = _split((params, consts))
-    unravel_theta = ravel_pytree(theta)[1]
+def _parameter_view(ff, params, consts, varied=None) -> _View:
+    """θ: the floating-point leaves of (params, consts) that are differentiated (all,
+    without `varied`, a matching tree of bools): a leaf held fixed has no adjoint."""
+    spec = _is_differentiable if varied is None else jax.tree_util.tree_map(
+        lambda x, v: v and _is_differentiable(x), (params, consts), varied)
+    theta, static = eqx.partition((params, consts), spec)
+    select = lambda p, c: eqx.filter((p, c), spec)  # noqa: E731
 
     def field(z, t, theta_):
         p, c = eqx.combine(theta_, static)
         return ff(z, t, p, *c)
 
-    return theta, unravel_theta, field
+    return _View(theta, ravel_pytree(theta)[1], field, select)
 
 
 def _theta_cotangent(theta_bar, params, consts):

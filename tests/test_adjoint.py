@@ -194,6 +194,24 @@ def test_direct_linearises_only_the_inputs_being_differentiated():
     np.testing.assert_allclose(w1_bar, full[2]["W1"], rtol=1e-12, atol=1e-12)
 
 
+def test_backsolve_integrates_no_adjoint_for_inputs_held_fixed():
+    """The backward state is (z, a, a_θ) with θ only the inputs being differentiated: the
+    params, without the closed-over c held fixed; with params held fixed too, (z, a)
+    alone. dL/dz0 is then the full gradient's (the seminorm's steps ignore a_θ)."""
+    z0, ts, params, c = _args("increasing")
+    tols = tolerances(GRAD_TOL)
+    state, num_params = sum(x.size for x in z0), sum(x.size for x in params.values())
+    of_z0 = lambda z0: loss(z0, ts, params, c, tols, adjoint="backsolve")  # noqa: E731
+    of_both = lambda z0, p: loss(z0, ts, p, c, tols, adjoint="backsolve")  # noqa: E731
+    with_params = f"f64[{2 * state + num_params}]"
+    with_c = f"f64[{2 * state + num_params + c.size}]"
+    traced = str(jax.make_jaxpr(jax.grad(of_both, argnums=(0, 1)))(z0, params))
+    assert with_params in traced and with_c not in traced
+    assert with_params not in str(jax.make_jaxpr(jax.grad(of_z0))(z0))
+    full = cached_gradient("increasing", "backsolve")[1][0]
+    assert_tree_close(jax.jit(jax.grad(of_z0))(z0), full, 1e-12, "dL/dz0 alone")
+
+
 def test_direct_unrolls_the_default_stage_loop_of_small_states():
     """Direct differentiates an explicit RK method's stages unrolled below
     DIRECT_STAGE_LOOP_SIZE elements; a stage loop the user asked for, a large state and
