@@ -194,6 +194,34 @@ def test_direct_linearises_only_the_inputs_being_differentiated():
     np.testing.assert_allclose(w1_bar, full[2]["W1"], rtol=1e-12, atol=1e-12)
 
 
+def test_direct_traces_no_time_derivative_when_ts_is_held_fixed():
+    """With ts held fixed, Direct's traced gradient carries no derivative of t and dt: the
+    cotangent sums over the time broadcasts that a gradient of ts needs are absent (the
+    two programs were the same size while Direct linearised every input)."""
+    z0, ts, params, c = _args("increasing")
+    tols = tolerances(GRAD_TOL)
+    of = lambda p, ts: loss(z0, ts, p, c, tols, adjoint="direct")  # noqa: E731
+    params_only = str(jax.make_jaxpr(jax.grad(of, argnums=0))(params, ts))
+    with_ts = str(jax.make_jaxpr(jax.grad(of, argnums=(0, 1)))(params, ts))
+    assert params_only.count("reduce_sum") < with_ts.count("reduce_sum")
+
+
+def test_direct_solves_with_the_unrolled_stages():
+    """Direct's default explicit RK traces the program of stage_loop=False on a state
+    that a forward solve would loop the stages of (STAGE_LOOP_SIZE elements or more)."""
+    from jaxode.solvers.rk import STAGE_LOOP_SIZE
+
+    def program(solver):
+        z0, ts = jnp.ones(STAGE_LOOP_SIZE), jnp.array([0.0, 1.0])
+        fn = lambda p: jnp.sum(jaxode.odeint(lambda z, t, p: -p * z, z0, ts, p,  # noqa: E731
+                                             solver=solver, adjoint="direct"))
+        return str(jax.make_jaxpr(jax.grad(fn))(0.5))
+
+    default = program(jaxode.Dopri5())
+    assert default == program(jaxode.Dopri5(stage_loop=False))
+    assert default != program(jaxode.Dopri5(stage_loop=True))
+
+
 def test_backsolve_integrates_no_adjoint_for_inputs_held_fixed():
     """The backward state is (z, a, a_θ) with θ only the inputs being differentiated: the
     params, without the closed-over c held fixed; with params held fixed too, (z, a)
