@@ -552,20 +552,8 @@ def _direct_bwd(ff, settings, residuals, cotangents):
 
 
 _direct.defvjp(_direct_fwd, _direct_bwd, symbolic_zeros=True)
-DIRECT_STAGE_LOOP_SIZE = 65_536  # an ODE-Net's convolutional state loops its stages
 _DIRECT_ONCE = ("adjoint: Direct() differentiates once in reverse mode; for gradients of "
                 "gradients use adjoint='backsolve', for forward mode adjoint='forward'")
-
-
-def _differentiated(solver, n):
-    """The forward solver of a Direct solve on n elements per trajectory: an explicit RK
-    method's default stage loop unrolled below DIRECT_STAGE_LOOP_SIZE. Differentiated, a
-    looped stage evaluation stacks f's residuals for every stage in buffers zeroed and
-    copied at each reverse step (7% of the MLP benchmark's direct gradient, whose XLA
-    compile the loop does not shorten)."""
-    if isinstance(solver, ExplicitRK) and solver.stage_loop is None and n < DIRECT_STAGE_LOOP_SIZE:
-        return dataclasses.replace(solver, stage_loop=False)
-    return solver
 
 
 def solve(adjoint: AbstractAdjoint, ff, settings: Settings, z0, ts, params, tols, lanes: bool):
@@ -594,7 +582,7 @@ def _differentiable_solve(adjoint, ff, settings: Settings, z0, ts, params, tols,
     if isinstance(adjoint, Direct):
         forward = settings.forward
         settings = settings._replace(forward=forward._replace(
-            checkpointed=True, solver=_differentiated(forward.solver, z0.shape[-1])))
+            checkpointed=True, solver=forward.solver.differentiated(z0.shape[-1])))
         # Lanes are a vmapped solve: each sample's loop, f's vjp summing the shared
         # parameters' cotangent over the batch.
         run = lambda z0: _direct(converted, settings, z0, ts, params, tuple(consts), tols)

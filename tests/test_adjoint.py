@@ -241,17 +241,17 @@ def test_backsolve_integrates_no_adjoint_for_inputs_held_fixed():
 
 
 def test_direct_unrolls_the_default_stage_loop_of_small_states():
-    """Direct differentiates an explicit RK method's stages unrolled below
-    DIRECT_STAGE_LOOP_SIZE elements; a stage loop the user asked for, a large state and
-    other solvers are left as they are."""
-    from jaxode.adjoint import DIRECT_STAGE_LOOP_SIZE, _differentiated
+    """Differentiated, an explicit RK method unrolls its default stage loop below
+    DIFFERENTIATED_STAGE_LOOP_SIZE elements; a stage loop the user asked for, a large
+    state and other solvers are left as they are."""
+    from jaxode.solvers.rk import DIFFERENTIATED_STAGE_LOOP_SIZE
 
-    small, large = 1024, DIRECT_STAGE_LOOP_SIZE
-    assert _differentiated(jaxode.Dopri5(), small).stage_loop is False
-    assert _differentiated(jaxode.Dopri5(), large).stage_loop is None
-    assert _differentiated(jaxode.Tsit5(stage_loop=True), small).stage_loop is True
+    small, large = 1024, DIFFERENTIATED_STAGE_LOOP_SIZE
+    assert jaxode.Dopri5().differentiated(small).stage_loop is False
+    assert jaxode.Dopri5().differentiated(large).stage_loop is None
+    assert jaxode.Tsit5(stage_loop=True).differentiated(small).stage_loop is True
     kvaerno = jaxode.Kvaerno3()
-    assert _differentiated(kvaerno, small) is kvaerno
+    assert kvaerno.differentiated(small) is kvaerno
 
 
 @pytest.mark.parametrize("direction", ["increasing", "decreasing"])

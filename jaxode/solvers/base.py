@@ -50,6 +50,12 @@ class AbstractSolver(eqx.Module):
     @abc.abstractmethod
     def interpolate(self, z0, dt, dense, theta) -> jax.Array: ...
 
+    def differentiated(self, n: int) -> AbstractSolver:
+        """The solver to use when reverse mode differentiates through its steps (Direct)
+        on states of n elements: itself, unless a method is cheaper differentiated in
+        another form."""
+        return self
+
     def current_error_order(self, state):
         """The order of the error estimate of a step attempted from `state` (what the
         step-size controller's exponent should use): `error_order`, except for a
