@@ -25,7 +25,9 @@ torchdiffeq's `odeint_event`, float64, dopri5 everywhere.
     256 (its times are per-sample sums, exactly linear in the number of samples).
     Errors against jaxode (vmap, direct) at rtol = atol = 1e-12 (its agreement with
     diffrax at 1e-12 is printed): the largest |t* - t*_ref| over the batch and the
-    relative 2-norm error of the gradient.
+    relative 2-norm error of the gradient. Then, per diffrax rtol, each jaxode gradient
+    at the rtol where its event-time error is at most diffrax's (log-log interpolated
+    from its runs, tightened until a run's error is), timed in one block with diffrax's.
 
 Event location: jaxode's Illinois iteration stops at a bracket of 1% of atol + rtol |t|;
 diffrax gets optimistix.Newton(rtol / 100, atol / 100) on its dense output (as its
@@ -572,6 +574,7 @@ def section_mlp(cfg) -> dict:
 
     print_mlp(records, torch_records, reference, cfg)
     ratios = mlp_ratios(records, torch_records, cfg)
+    ratios["matched"] = matched_error_rounds(cfg, built, records, tol_args, ones, t_ref)
     return {"rows": records, "torch": torch_records, "reference": reference,
             "ratios": ratios,
             "settings": dict(batch=BATCH, t_end=T_END, tols=list(cfg["mlp_tols"]),
@@ -762,6 +765,81 @@ def time_at_error(points, error):
     return next((t for e, t in points if e == error), None)
 
 
+# Gradient systems and the forward solve whose event times they differentiate.
+GRAD_FORWARD = {"jaxode batch_axis backsolve": "jaxode batch_axis backsolve",
+                "jaxode batch_axis direct": "jaxode batch_axis backsolve",
+                "jaxode vmap direct": "jaxode vmap backsolve"}
+MATCH_MARGIN, MATCH_TRIES, MATCH_SHRINK = 0.9, 4, 0.8
+
+
+def rtol_at_error(points, error):
+    """The rtol at which a system's |t* err| would be `error`, by log-log interpolation
+    of its (rtol, error) runs; None outside them."""
+    points = sorted((r, e) for r, e in points if e)
+    for (r0, e0), (r1, e1) in zip(points, points[1:]):
+        if min(e0, e1) <= error <= max(e0, e1) and e0 != e1:
+            w = (math.log(error) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
+    return None
+
+
+def _matched_rtol(fwd, points, error, tol_args, t_ref):
+    """(rtol, |t* err|) of a run of `fwd` whose error is at most `error`: from the
+    interpolated rtol at MATCH_MARGIN x error, tightened by MATCH_SHRINK until it is."""
+    import jax
+
+    rtol = rtol_at_error(points, MATCH_MARGIN * error)
+    for _ in range(MATCH_TRIES if rtol else 0):
+        t_event, _, _ = jax.block_until_ready(fwd(*tol_args(rtol)))
+        found = float(np.max(np.abs(np.asarray(t_event) - t_ref)))
+        if found <= error:
+            return rtol, found
+        rtol *= MATCH_SHRINK
+    return None, None
+
+
+def matched_error_rounds(cfg, built, records, tol_args, ones, t_ref) -> list:
+    """Per diffrax rtol: each jaxode gradient at the rtol where its event-time error is
+    at most diffrax's, timed in one interleaved block with diffrax's gradient."""
+    dfx = "diffrax RecursiveCheckpoint"
+    out, rows, batch = [], [], max(r["happened"] for r in records)
+    names = [n for n in GRAD_FORWARD if n in built]
+    for ref in [r for r in records if r["system"] == dfx and r["happened"] == batch]:
+        matched = {}
+        for fwd in sorted({GRAD_FORWARD[n] for n in names}):
+            points = [(r["rtol"], r["t_error"]) for r in records if r["system"] == fwd]
+            matched[fwd] = _matched_rtol(built[fwd]["fwd"], points, ref["t_error"],
+                                         tol_args, t_ref)
+        args = {dfx: tol_args(ref["rtol"])}
+        args.update({n: tol_args(matched[GRAD_FORWARD[n]][0]) for n in names
+                     if matched[GRAD_FORWARD[n]][0] is not None})
+        timed = {n: (lambda n=n: built[n]["grad"](*args[n], ones)) for n in args}
+        times = time_interleaved(timed, cfg["mlp_repeats"])
+        row = [f"{ref['rtol']:.0e}", fmt(ref["t_error"], ".1e"), ms(times[dfx]["median"])]
+        for name in names:
+            rtol, error = matched[GRAD_FORWARD[name]]
+            ratio = None if rtol is None else _ratio_samples(times[name]["samples"],
+                                                             times[dfx]["samples"])
+            out.append(dict(diffrax_rtol=ref["rtol"], diffrax_t_error=ref["t_error"],
+                            system=name, rtol=rtol, t_error=error, ratio=ratio,
+                            grad_time=None if rtol is None else times[name]["median"],
+                            diffrax_grad_time=times[dfx]["median"]))
+            row.append("-" if rtol is None else
+                       f"{ratio:.2f} @{rtol:.1e} ({error:.1e})")
+        rows.append(row)
+        print(f"  mlp: matched error at diffrax rtol={ref['rtol']:.0e} done", file=sys.stderr,
+              flush=True)
+    print(table("(mlp) gradient time / diffrax's at equal or smaller event-time error, "
+                "one block per row",
+                ["diffrax rtol", "diffrax |t* err|", "diffrax grad ms"] + names, rows,
+                note="each jaxode system at the rtol (@) where its |t* err| (in brackets) is "
+                     f"at most diffrax's: interpolated\n  from its runs above at "
+                     f"{MATCH_MARGIN}x diffrax's error, tightened by x{MATCH_SHRINK} until "
+                     "a run's error is at most diffrax's;\n  timed in one interleaved "
+                     "block with diffrax's gradient. target: <= 0.5."))
+    return out
+
+
 def mlp_ratios(records, torch_records, cfg) -> dict:
     """Gradient time ratios against diffrax at equal rtol and at equal or smaller
     event-time error, and against torchdiffeq's adjoint at MAIN_TOL."""
@@ -775,9 +853,7 @@ def mlp_ratios(records, torch_records, cfg) -> dict:
     # Event-time error of a gradient system = that of its forward solve.
     err = {}
     for r in records:
-        fwd_of = {"jaxode vmap direct": "jaxode vmap backsolve",
-                  "jaxode batch_axis direct": "jaxode batch_axis backsolve"}.get(r["system"],
-                                                                                 r["system"])
+        fwd_of = GRAD_FORWARD.get(r["system"], r["system"])
         src = next(x for x in records if x["system"] == fwd_of and x["rtol"] == r["rtol"])
         err[r["system"], r["rtol"]] = src["t_error"]
     rows, equal_rtol, equal_error = [], [], []
