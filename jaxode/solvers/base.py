@@ -31,7 +31,9 @@ class AbstractSolver(eqx.Module):
     converge) returns a non-finite error, which the controller rejects. An
     implicit method keeps its Jacobian and Newton settings in its state, a multistep
     one its history; the loop only carries the state and keeps it when a step is
-    accepted. Solvers are compared by value, so equal solvers share compiled code.
+    accepted. `differentiated(n)` is the form that Direct differentiates (itself unless
+    a method overrides it). Solvers are compared by value, so equal solvers share
+    compiled code.
     """
 
     name: ClassVar[str]
