@@ -339,9 +339,12 @@ def test_two_devices_give_the_same_losses_as_one(tmp_path):
     assert checkpoint.read_meta(str(tmp_path / "d2"))["devices"] == 2
     for a, b in zip(one, two):
         assert a["step"] == b["step"] and a["split"] == b["split"]
-        for key in ("loss", "trajectory_l1"):
+        # The sharded gradient's sum is ordered differently (parameters differ by
+        # float32 rounding); the evaluation's adaptive solve (rtol 1e-4) of a whole
+        # trajectory then agrees to its own tolerance (2.3e-5 seen), the losses to 1e-7.
+        for key, rtol in (("loss", 1e-5), ("trajectory_l1", TINY["solver"]["rtol"])):
             if key in a:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+                np.testing.assert_allclose(a[key], b[key], rtol=rtol)
 
 
 @pytest.mark.slow
