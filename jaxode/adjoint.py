@@ -172,12 +172,17 @@ def _backsolve(ff, settings, z0, ts, params, consts, tols):
     return _solve(ff, settings, z0, ts, params, consts, tols)
 
 
-def _backsolve_fwd(ff, settings, *primals):
-    # The custom_vjp function itself, not its body: differentiating the residuals again
-    # (gradients of gradients) then uses the adjoint method too.
-    (z0, ts, params, consts, tols), varied = _unwrap(primals)
-    result = _backsolve(ff, settings, z0, ts, params, consts, tols)
-    return result, _residuals(result, ts, params, consts, tols, _Static(varied[2:4]))
+def _forward_rule(backsolve):
+    """The forward rule of a backsolve custom_vjp (joint or lanes)."""
+
+    def rule(ff, settings, *primals):
+        # The custom_vjp function itself, not its body: differentiating the residuals
+        # again (gradients of gradients) then uses the adjoint method too.
+        (z0, ts, params, consts, tols), varied = _unwrap(primals)
+        result = backsolve(ff, settings, z0, ts, params, consts, tols)
+        return result, _residuals(result, ts, params, consts, tols, _Static(varied[2:4]))
+
+    return rule
 
 
 def _backsolve_bwd(ff, settings, residuals, cotangents):
@@ -187,18 +192,12 @@ def _backsolve_bwd(ff, settings, residuals, cotangents):
     return (z0_bar[0], *rest, _zeros_like(residuals.tols))
 
 
-_backsolve.defvjp(_backsolve_fwd, _backsolve_bwd, symbolic_zeros=True)
+_backsolve.defvjp(_forward_rule(_backsolve), _backsolve_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols):
     return jax.vmap(lambda z0: _solve(ff, settings, z0, ts, params, consts, tols))(z0s)
-
-
-def _backsolve_lanes_fwd(ff, settings, *primals):
-    (z0s, ts, params, consts, tols), varied = _unwrap(primals)
-    result = _backsolve_lanes(ff, settings, z0s, ts, params, consts, tols)
-    return result, _residuals(result, ts, params, consts, tols, _Static(varied[2:4]))
 
 
 def _backsolve_lanes_bwd(ff, settings, residuals, cotangents):
@@ -207,7 +206,8 @@ def _backsolve_lanes_bwd(ff, settings, residuals, cotangents):
     return (*bars, _zeros_like(residuals.tols))
 
 
-_backsolve_lanes.defvjp(_backsolve_lanes_fwd, _backsolve_lanes_bwd, symbolic_zeros=True)
+_backsolve_lanes.defvjp(_forward_rule(_backsolve_lanes), _backsolve_lanes_bwd,
+                        symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------ the backward skeleton
@@ -525,16 +525,15 @@ def _direct(ff, settings, z0, ts, params, consts, tols):
 def _direct_fwd(ff, settings, *primals):
     # Only the inputs being differentiated are linearised: with ts held fixed (as a loss
     # of z0 or params holds them), t and dt carry no tangent through the steps.
-    values, varied = _unwrap(primals)
-    leaves, treedef = jax.tree_util.tree_flatten(values)
-    moving = tuple(jax.tree_util.tree_leaves(varied))
+    leaves, treedef = jax.tree_util.tree_flatten(primals, is_leaf=_is_primal)
+    moving = tuple(leaf.perturbed for leaf in leaves)
 
     def run(*moved):
         moved = iter(moved)
-        args = treedef.unflatten([next(moved) if m else v for m, v in zip(moving, leaves)])
+        args = treedef.unflatten([next(moved) if p.perturbed else p.value for p in leaves])
         return _solve(ff, settings, *args)
 
-    result, pullback = jax.vjp(run, *[v for m, v in zip(moving, leaves) if m])
+    result, pullback = jax.vjp(run, *[p.value for p in leaves if p.perturbed])
     return result, (pullback, result.status, _Static((treedef, moving)))
 
 
