@@ -1,6 +1,7 @@
 """The cases of JAX's own `jax.experimental.ode` test-suite, run against `jaxode.odeint`
 in float32 and float64: values against scipy's odeint, and reverse-mode gradients of
-first and second order against numerical differences (`jax.test_util.check_grads`).
+first and second order against numerical differences (`jax.test_util.check_grads`);
+its regression cases (closures, vmapped gradients, forward mode refused) as well.
 
 jax.experimental.ode's f is f(y, t, *args); jaxode's is f(z, t, params), so each case's
 extra arguments travel as the params tuple. Second-order checks take ~20 s a case here:
@@ -131,3 +132,38 @@ def test_vmap_under_disable_jit():
         zs = jax.vmap(lambda z0: jaxode.odeint(lambda z, t, p: z, z0, jnp.array([0.0, 1.0])))(
             jnp.zeros((5, 2)))
     np.testing.assert_array_equal(zs, 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_of_a_closed_over_value(dtype):
+    ts = jnp.arange(0, 10, 0.1, dtype)
+
+    def experiment(x):
+        return integrate(lambda y, t: -x * y)(jnp.ones((), dtype), ts)[-1]
+
+    check_grads(experiment, (jnp.asarray(0.01, dtype),), modes=["rev"], order=1,
+                atol=tolerance(dtype), rtol=tolerance(dtype))
+
+
+def test_vmapped_value_and_gradient_of_a_jitted_closure():
+    @jax.jit
+    def experiment(x):
+        return integrate(lambda y, t: -x * y)(jnp.ones(()), jnp.arange(0, 10, 0.1))[-1]
+
+    values, grads = jax.vmap(jax.value_and_grad(experiment))(jnp.arange(0.0, 1.0, 0.01))
+    value = experiment(0.11)
+    difference = (experiment(0.11 + 1e-5) - value) / 1e-5
+    np.testing.assert_allclose([values[11], grads[11]], [value, difference], atol=1e-2, rtol=1e-2)
+
+
+def test_forward_mode_through_the_adjoint_method_is_refused():
+    loss = lambda k: integrate(lambda x, t: k * x)(jnp.ones(()), jnp.linspace(0, 1.0, 50)).sum()
+    with pytest.raises(TypeError, match="can't apply forward-mode"):
+        jax.jacfwd(loss)(3.0)
+
+
+def test_gradient_of_a_field_that_restacks_its_state():
+    field = lambda z, t: jnp.stack([z[0], z[1]])
+    grad = jax.grad(lambda z: jnp.sum(integrate(field)(z, jnp.arange(10.0))))(jnp.ones(2))
+    # z(t) = z0 e^t: d/dz0 of the sum over ts of z(t) is Σ e^t.
+    np.testing.assert_allclose(grad, np.full(2, np.exp(np.arange(10.0)).sum()), rtol=1e-6)
