@@ -3,6 +3,8 @@ settings built once, and `Solution`."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +85,20 @@ class Solution(eqx.Module):
         return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, self.batch_axis), states)
 
 
+def _refuses_removed_keywords(fn):
+    """fn, refusing the version-1 keywords with a TypeError that names their field."""
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        for name in kwargs:
+            if name in _REMOVED:
+                raise TypeError(f"{name}: removed; use adjoint=jaxode.Backsolve("
+                                f"{_REMOVED[name]}=...) instead")
+        return fn(*args, **kwargs)
+
+    return checked
+
+
 class SolveOptions(TypedDict, total=False):
     """The keywords that `solve`, `odeint` and `adjoint_nfe` share (see `solve`)."""
 
@@ -100,6 +116,7 @@ class SolveOptions(TypedDict, total=False):
     event: Event | None
 
 
+@_refuses_removed_keywords
 def solve(
     f: VectorField,
     z0: PyTree[ArrayLike],
@@ -118,7 +135,6 @@ def solve(
     batch_axis: int | None = None,
     progress: bool = False,
     event: Event | None = None,
-    **removed,
 ) -> Solution:
     """Solve dz/dt = f(z, t, params) from z0 at ts[0], reporting z at every time in ts.
 
@@ -173,11 +189,6 @@ def solve(
         >>> bool(jnp.allclose(sol.zs[-1], jnp.exp(-2.0), rtol=1e-5))
         True
     """
-    for name in removed:
-        if name in _REMOVED:
-            raise TypeError(f"{name}: removed; use adjoint=jaxode.Backsolve("
-                            f"{_REMOVED[name]}=...) instead")
-        raise TypeError(f"solve() got an unexpected keyword argument {name!r}")
     adjoint = adjoint_lib.resolve_adjoint(adjoint)
     z0 = _as_arrays(z0)
     settings, tols = _setup(z0, solver=solver, rtol=rtol, atol=atol, dt0=dt0,
@@ -221,6 +232,19 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, batch_axis, event) -> Sol
                     event_happened=happened, event_time=event_time, event_state=event_state)
 
 
+def _with_solve_signature(fn):
+    """fn(f, z0, ts, params, **options), refusing the removed keywords, and showing
+    `solve`'s keywords and defaults (the one list of them) in its signature."""
+    own, shared = inspect.signature(fn).parameters.values(), inspect.signature(solve)
+    extra = [p for p in own if p.kind is p.KEYWORD_ONLY]  # adjoint_nfe's cotangent
+    checked = _refuses_removed_keywords(fn)
+    checked.__signature__ = shared.replace(
+        parameters=[*shared.parameters.values(), *extra],
+        return_annotation=inspect.signature(fn).return_annotation)
+    return checked
+
+
+@_with_solve_signature
 def odeint(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"],
            params: PyTree = None, **options: Unpack[SolveOptions]) -> PyTree[Array]:
     """Integrate dz/dt = f(z, t, params) and return z at every time in ts.
@@ -250,6 +274,7 @@ def odeint(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"]
     return solve(f, z0, ts, params, **options).zs
 
 
+@_with_solve_signature
 def adjoint_nfe(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " times"],
                 params: PyTree = None, *, cotangent: PyTree[ArrayLike] | None = None,
                 **options: Unpack[SolveOptions]) -> dict[str, Int[Array, ...]]:
@@ -281,6 +306,9 @@ def adjoint_nfe(f: VectorField, z0: PyTree[ArrayLike], ts: Float[ArrayLike, " ti
         >>> int(nfe["backward"]) > 0
         True
     """
+    for name in options:
+        if name not in SolveOptions.__annotations__:
+            raise TypeError(f"adjoint_nfe() got an unexpected keyword argument {name!r}")
     if options.pop("event", None) is not None:
         raise ValueError("event: adjoint_nfe counts a solve without events")
     adjoint = adjoint_lib.resolve_adjoint(options.pop("adjoint", "backsolve"))
@@ -328,7 +356,7 @@ def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=409
         raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
     if dt0 is not None:
         _check_number("dt0", dt0)
-        if isinstance(dt0, numbers.Real) and dt0 == 0:
+        if _concrete(dt0) and np.all(np.asarray(dt0) == 0):
             raise ValueError("dt0: must be non-zero")
     for name, flag in (("dense", dense), ("progress", progress), ("throw", throw)):
         if not isinstance(flag, bool):
@@ -401,19 +429,24 @@ def _controller(controller, solver: AbstractSolver, dt0) -> AbstractController:
     return controller
 
 
+def _concrete(value) -> bool:
+    """Whether value is a number known while tracing (a traced one is checked by the run)."""
+    return isinstance(value, (numbers.Real, np.ndarray, np.generic)) or (
+        isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer))
+
+
 def _check_number(name, value):
-    if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
-        if not float(value) >= 0:
-            raise ValueError(f"{name}: must be a non-negative number, got {value}")
-    elif not isinstance(value, jax.Array):
+    if not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if _concrete(value) and not np.all(np.asarray(value) >= 0):
+        raise ValueError(f"{name}: must be a non-negative number, got {value}")
 
 
 def _check_tolerances(rtol, atol):
     _check_number("rtol", rtol)
     _check_number("atol", atol)
-    concrete = lambda x: isinstance(x, numbers.Real) or isinstance(x, np.ndarray)
-    if concrete(rtol) and concrete(atol) and float(rtol) == 0 and float(atol) == 0:
+    if _concrete(rtol) and _concrete(atol) and not (np.any(np.asarray(rtol) != 0)
+                                                    or np.any(np.asarray(atol) != 0)):
         raise ValueError("rtol, atol: both are 0, which no step can meet; give atol > 0")
 
 

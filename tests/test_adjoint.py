@@ -15,6 +15,7 @@ missing term or a gradient that silently comes out as zero.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -576,8 +577,20 @@ def _central_difference(fn, x, eps=1e-6):
 def test_flat_adjoint_keywords_are_refused_naming_the_backsolve_field(name):
     keyword = {"rtol": "adjoint_rtol", "atol": "adjoint_atol", "solver": "adjoint_solver",
                "seminorm": "seminorm"}[name]
-    with pytest.raises(TypeError, match=rf"{keyword}: removed.*Backsolve\({name}="):
-        jaxode.odeint(_decay, Z0_SMALL, TS_SMALL, P0, **{keyword: None})
+    for entry in (jaxode.odeint, jaxode.solve, jaxode.adjoint_nfe):
+        with pytest.raises(TypeError, match=rf"{keyword}: removed.*Backsolve\({name}="):
+            entry(_decay, Z0_SMALL, TS_SMALL, P0, **{keyword: None})
+
+
+def test_solve_odeint_and_adjoint_nfe_share_one_signature():
+    shared = inspect.signature(jaxode.solve).parameters
+    assert shared["rtol"].default == 1e-6 and shared["max_steps"].default == 4096
+    assert inspect.signature(jaxode.odeint).parameters == shared
+    nfe = dict(inspect.signature(jaxode.adjoint_nfe).parameters)
+    assert nfe.pop("cotangent").kind is inspect.Parameter.KEYWORD_ONLY
+    assert nfe == dict(shared)
+    with pytest.raises(TypeError, match="adjoint_nfe.*'bogus'"):
+        jaxode.adjoint_nfe(_decay, Z0_SMALL, TS_SMALL, P0, bogus=1)
 
 
 def test_adjoint_strings_are_the_objects():
