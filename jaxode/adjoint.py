@@ -234,7 +234,8 @@ def backward(ff, settings: Settings, residuals: Residuals, g, accumulator):
         status = jnp.where(forward_status != loop.SUCCESS, forward_status, status)
     # On every cotangent: an unused one (and its check) may be dropped as dead code.
     z0_bar, ts_bar, a_theta = loop.raise_if_failed((a + g[:, 0], ts_bar, a_theta), status)
-    params_bar, consts_bar = _theta_cotangent(view.unravel(a_theta), params, consts)
+    params_bar, consts_bar = _theta_cotangent(view.unravel(acc.theta_value(a_theta)), params,
+                                              consts)
     return (z0_bar, ts_bar.astype(real), params_bar, consts_bar), nfe
 
 
@@ -247,10 +248,30 @@ def _backward_static(settings: Settings, error_size=None) -> loop.Static:
 
 
 class _Accumulator:
-    """How a backward pass accumulates a_θ; `theta` and `tols` are set by each."""
+    """How a backward pass accumulates a_θ; `theta` and `tols` are set by each.
+
+    a_θ is a real vector: a complex θ's cotangent with its real and imaginary parts side
+    by side (so that it rides in a real backward state, and keeps its imaginary part in
+    a complex one)."""
 
     def zero_theta(self):
-        return jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(self.tols.rtol.dtype)
+        leaves = jax.tree_util.tree_leaves(self.theta)
+        size = sum(np.size(x) for x in leaves) * (2 if _is_complex(self.theta) else 1)
+        return jnp.zeros((size,), self.tols.rtol.dtype)
+
+    def as_a_theta(self, theta_bar):
+        """A flat cotangent of θ (complex where the state is) as a_θ's real vector."""
+        if _is_complex(self.theta):
+            return jnp.concatenate([jnp.real(theta_bar), jnp.imag(theta_bar)])
+        return jnp.real(theta_bar)
+
+    def theta_value(self, a_theta):
+        """a_θ as the flat cotangent of θ."""
+        if not _is_complex(self.theta):
+            return a_theta
+        half = a_theta.shape[0] // 2
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(self.theta))
+        return (a_theta[:half] + 1j * a_theta[half:]).astype(dtype)
 
 
 class _IntervalScan(_Accumulator):
@@ -290,7 +311,8 @@ class _JointAccumulator(_IntervalScan):
             fz, vjp = jax.vjp(lambda z_, d_: view.field(z_, t, d_), y[:n],
                               view.select(params_, consts_))
             a_z, a_theta = vjp(y[n: 2 * n])
-            return jnp.concatenate([fz, -a_z, -ravel_pytree(a_theta)[0].astype(y.dtype)])
+            a_theta = self.as_a_theta(ravel_pytree(a_theta)[0])
+            return jnp.concatenate([fz, -a_z, -a_theta.astype(y.dtype)])
 
         self.augmented = augmented
 
@@ -395,7 +417,8 @@ class _LaneAccumulator(_Accumulator):
             for b_i, (pullback, a_i) in zip(b, records):  # stages 1..s; f_1's weight is 0
                 if b_i:
                     theta_bar = pullback(float(b_i) * weights * a_i)[1]
-                    a_theta = a_theta - direction * ravel_pytree(theta_bar)[0].astype(a_theta.dtype)
+                    theta_bar = self.as_a_theta(ravel_pytree(theta_bar)[0]).astype(a_theta.dtype)
+                    a_theta = a_theta - direction * theta_bar
             # Lanes that landed on output time `target` (> 0) jump and head for the next
             # (at once, if it is the same time: outputs after an event).
             landed = (c.t >= c.t_end) & (target > 0) & (c.status == loop.SUCCESS)
@@ -460,8 +483,7 @@ class _StiffAccumulator(_IntervalScan):
 
     def _lane(self, z_begin, a_end, t_begin, t_end):
         # Between outputs after an event (all at the event time) there is nothing to solve.
-        zero = jnp.real(jnp.zeros_like(ravel_pytree(self.theta)[0]).astype(a_end.dtype))
-        nothing = lambda: (a_end, zero,
+        nothing = lambda: (a_end, self.zero_theta(),
                            jnp.zeros((), jnp.int32), jnp.asarray(loop.SUCCESS, jnp.int32))
         return lax.cond(t_begin == t_end, nothing,
                         lambda: self._interval_lane(z_begin, a_end, t_begin, t_end))
@@ -499,11 +521,12 @@ class _StiffAccumulator(_IntervalScan):
                 total = total + jnp.where(accepted, float(weight) * dt, 0) * value
             return total
 
-        zero = jnp.zeros_like(ravel_pytree(theta)[0]).astype(a_end.dtype)
+        flat = ravel_pytree(theta)[0]
+        zero = jnp.zeros(flat.shape, jnp.result_type(flat, a_end))
         theta_bar = forward_sign * lax.fori_loop(0, num_steps, quadrature, zero)
         status = jnp.where(fwd.status != loop.SUCCESS, fwd.status, back.status)
         nfe = fwd.stats["nfe"] + back.stats["nfe"] + len(self.NODES) * num_steps
-        return back.zs[-1], jnp.real(theta_bar), nfe, status
+        return back.zs[-1], self.as_a_theta(theta_bar), nfe, status
 
 
 def accumulator_for(settings: Settings, residuals, default):
@@ -632,6 +655,11 @@ def _instantiate(cotangent):
     if cotangent.dtype == jax.dtypes.float0:  # of an integer output
         return np.zeros(cotangent.shape, jax.dtypes.float0)
     return jnp.zeros(cotangent.shape, cotangent.dtype)
+
+
+def _is_complex(tree) -> bool:
+    """Whether a tree has complex leaves (from their dtypes: no operation is traced)."""
+    return any(jnp.iscomplexobj(x) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _zeros_like(tree):

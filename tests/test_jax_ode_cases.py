@@ -167,3 +167,15 @@ def test_gradient_of_a_field_that_restacks_its_state():
     grad = jax.grad(lambda z: jnp.sum(integrate(field)(z, jnp.arange(10.0))))(jnp.ones(2))
     # z(t) = z0 e^t: d/dz0 of the sum over ts of z(t) is Σ e^t.
     np.testing.assert_allclose(grad, np.full(2, np.exp(np.arange(10.0)).sum()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("order", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_complex_state_and_parameter(dtype, order):
+    complex_dtype = jnp.complex64 if dtype == np.float32 else jnp.complex128
+    field = lambda y, t, alpha: alpha * y * jnp.exp(-t).astype(y.dtype)
+    run = lambda y0, ts, alpha: integrate(field)(y0, ts, alpha).real
+    args = (jnp.asarray(1 + 2j, complex_dtype), jnp.linspace(0.0, 1.0, 11, dtype=dtype),
+            jnp.asarray(3 + 4j, complex_dtype))
+    check_grads(run, args, modes=["rev"], order=order, atol=tolerance(dtype),
+                rtol=tolerance(dtype))
