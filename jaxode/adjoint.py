@@ -33,7 +33,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import events, loop
 from .control import ConstantStep, PIController, initial_step
-from .guards import first_order_only, forward_only_p
+from .guards import first_order_only, forward_only_p, not_backsolved_p
 from .solvers import AbstractSolver, ExplicitRK, resolve_solver
 from .solvers.implicit import AbstractStiffSolver
 
@@ -308,8 +308,12 @@ class _JointAccumulator(_IntervalScan):
 
         def augmented(y, t, params_, *consts_):
             """d/dt (z, a, a_θ) = (f, -aᵀ∂f/∂z, -aᵀ∂f/∂θ): one vjp of f per call."""
-            fz, vjp = jax.vjp(lambda z_, d_: view.field(z_, t, d_), y[:n],
-                              view.select(params_, consts_))
+            # The parameters held fixed come in as arguments too: a value closed over by
+            # this custom_vjp field would leak into the backward pass of a second
+            # derivative.
+            theta_, rest = view.split(params_, consts_)
+            field = view.field_of(rest)
+            fz, vjp = jax.vjp(lambda z_, d_: field(z_, t, d_), y[:n], theta_)
             a_z, a_theta = vjp(y[n: 2 * n])
             a_theta = self.as_a_theta(ravel_pytree(a_theta)[0])
             return jnp.concatenate([fz, -a_z, -a_theta.astype(y.dtype)])
@@ -611,8 +615,9 @@ def _differentiable_solve(adjoint, ff, settings: Settings, z0, ts, params, tols,
         return jax.vmap(run)(z0) if lanes else run(z0)
     backsolve = _backsolve_lanes if lanes else _backsolve
     result = backsolve(converted, settings, z0, ts, params, tuple(consts), tols)
-    # The dense history is not differentiated by the adjoint method.
-    return result._replace(history=lax.stop_gradient(result.history))
+    # The dense history is not differentiated by the adjoint method: reverse mode through
+    # `Solution.evaluate` raises (the times belong in ts).
+    return result._replace(history=jax.tree_util.tree_map(not_backsolved_p.bind, result.history))
 
 
 def _closure_convert(ff, event, z, t, params):
@@ -679,13 +684,15 @@ def _is_differentiable(x):
 
 
 class _View(NamedTuple):
-    """θ, the part of (params, consts) a backward pass differentiates, with its unravel,
-    the vector field as a function of it, and `select(params, consts)`: that part."""
+    """θ, the part of (params, consts) a backward pass differentiates, with its unravel;
+    `split(params, consts)`: (θ, the rest) of other values; `field_of(rest)`: the vector
+    field as a function f(z, t, θ) with that rest; `field`: the one with this rest."""
 
     theta: object
     unravel: object
     field: object
-    select: object
+    split: object
+    field_of: object
 
 
 def _parameter_view(ff, params, consts, varied=None) -> _View:
@@ -693,14 +700,17 @@ def _parameter_view(ff, params, consts, varied=None) -> _View:
     without `varied`, a matching tree of bools): a leaf held fixed has no adjoint."""
     spec = _is_differentiable if varied is None else jax.tree_util.tree_map(
         lambda x, v: v and _is_differentiable(x), (params, consts), varied)
-    theta, static = eqx.partition((params, consts), spec)
-    select = lambda p, c: eqx.filter((p, c), spec)  # noqa: E731
+    split = lambda p, c: eqx.partition((p, c), spec)  # noqa: E731
 
-    def field(z, t, theta_):
-        p, c = eqx.combine(theta_, static)
-        return ff(z, t, p, *c)
+    def field_of(rest):
+        def field(z, t, theta_):
+            p, c = eqx.combine(theta_, rest)
+            return ff(z, t, p, *c)
 
-    return _View(theta, ravel_pytree(theta)[1], field, select)
+        return field
+
+    theta, rest = split(params, consts)
+    return _View(theta, ravel_pytree(theta)[1], field_of(rest), split, field_of)
 
 
 def _theta_cotangent(theta_bar, params, consts):

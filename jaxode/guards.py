@@ -21,18 +21,31 @@ def _first_order_only_jvp(message, primals, tangents):
     raise TypeError(message)
 
 
-# The identity, whose transpose refuses reverse mode through a Forward() solve.
-forward_only_p = jax.extend.core.Primitive("jaxode_forward_only")
-forward_only_p.def_impl(lambda x: x)
-forward_only_p.def_abstract_eval(lambda x: x)
-mlir.register_lowering(forward_only_p, mlir.lower_fun(lambda x: x, multiple_results=False))
-ad.defjvp(forward_only_p, lambda tangent, x: forward_only_p.bind(tangent))
-batching.primitive_batchers[forward_only_p] = lambda xs, dims: (forward_only_p.bind(*xs), dims[0])
+def _identity_refusing_reverse(name: str, message: str):
+    """An identity primitive whose transpose (reverse mode through it) raises a TypeError
+    with `message`: forward mode and vmap go through, a cotangent never arrives silently
+    dropped."""
+    identity = jax.extend.core.Primitive(name)
+    identity.def_impl(lambda x: x)
+    identity.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(identity, mlir.lower_fun(lambda x: x, multiple_results=False))
+    ad.defjvp(identity, lambda tangent, x: identity.bind(tangent))
+    batching.primitive_batchers[identity] = lambda xs, dims: (identity.bind(*xs), dims[0])
+
+    def refuse(cotangent, x):
+        raise TypeError(message)
+
+    ad.primitive_transposes[identity] = refuse
+    return identity
 
 
-def _refuse_reverse(cotangent, x):
-    raise TypeError("adjoint: Forward() is forward mode only (jax.jvp, jax.jacfwd); for "
-                    "jax.grad use adjoint='backsolve' or 'direct'")
+# On a Forward() solve's outputs.
+forward_only_p = _identity_refusing_reverse(
+    "jaxode_forward_only", "adjoint: Forward() is forward mode only (jax.jvp, jax.jacfwd); for "
+    "jax.grad use adjoint='backsolve' or 'direct'")
 
-
-ad.primitive_transposes[forward_only_p] = _refuse_reverse
+# On a Backsolve solve's dense history, which the adjoint method does not differentiate.
+not_backsolved_p = _identity_refusing_reverse(
+    "jaxode_not_backsolved", "adjoint: Backsolve does not differentiate Solution.evaluate "
+    "(the dense output); to differentiate it use adjoint='direct' (or 'forward' for "
+    "forward mode), or put the times in ts")

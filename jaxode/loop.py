@@ -288,8 +288,10 @@ class Loop:
             # with the accepted one that follows, which comes later in the rows and so is
             # the one `evaluate` finds.
             row = lambda buffer, x: buffer.at[c.num_steps].set(x)
+            # Under adjoint="direct" each leaf is a buffer of the checkpointed loop.
             history = jax.tree_util.tree_map(row, history, History(
-                jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense))
+                jnp.where(active, c.t, jnp.inf), dt, c.z, attempt.dense),
+                is_leaf=lambda x: hasattr(x, "at"))
         return zs, next_output, history
 
     def _status(self, c, t, happened, dt_next, num_steps, z_new, active):
