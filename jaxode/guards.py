@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.extend
+import jax.numpy as jnp
 from jax.interpreters import ad, batching, mlir
 
 
@@ -49,3 +50,36 @@ not_backsolved_p = _identity_refusing_reverse(
     "jaxode_not_backsolved", "adjoint: Backsolve does not differentiate Solution.evaluate "
     "(the dense output); to differentiate it use adjoint='direct' (or 'forward' for "
     "forward mode), or put the times in ts")
+
+
+def cut_if_not_finite(fn):
+    """fn, whose reverse mode sends no cotangent into it when its values are not all
+    finite. Such a step attempt is rejected, and its linearisation (inf or NaN
+    coefficients: a float32 overflow, say) would turn the zero cotangents of its
+    discarded values into NaN gradients."""
+
+    def cut(*args):
+        converted, consts = jax.closure_convert(fn, *args)
+        return _cut(converted, args, tuple(consts))
+
+    return cut
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cut(fn, args, consts):
+    return fn(*args, *consts)
+
+
+def _cut_fwd(fn, args, consts):
+    out, pullback = jax.vjp(lambda args, consts: fn(*args, *consts), args, consts)
+    inexact = [x for x in jax.tree_util.tree_leaves(out) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return out, (pullback, jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in inexact])))
+
+
+def _cut_bwd(fn, residuals, cotangent):
+    pullback, finite = residuals
+    keep = lambda x: jnp.where(finite, x, 0) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+    return jax.tree_util.tree_map(keep, pullback(cotangent))
+
+
+_cut.defvjp(_cut_fwd, _cut_bwd)

@@ -20,6 +20,7 @@ from jax import lax
 
 from . import events
 from .control import AbstractController, initial_step
+from .guards import cut_if_not_finite
 from .solvers import AbstractSolver
 
 # Run-time outcomes, `Solution.status`.
@@ -201,7 +202,10 @@ class Loop:
         last = c.t_end - c.t <= c.dt * (1 + 100 * jnp.finfo(self.taus.dtype).eps)
         dt = jnp.where(last, c.t_end - c.t, c.dt)
         t_new = jnp.where(last, c.t_end, c.t + dt)
-        attempt = solver.step(self.f, c.t, c.z, dt, c.solver_state)
+        attempt_at = lambda t, z, dt, state: solver.step(self.f, t, z, dt, state)
+        if static.checkpointed and solver.cut_nonfinite_attempts:
+            attempt_at = cut_if_not_finite(attempt_at)
+        attempt = attempt_at(c.t, c.z, dt, c.solver_state)
         part = (..., slice(static.error_size))
         # Step-size decisions are held constant under differentiation.
         error, z_start, z_end = lax.stop_gradient((attempt.error, c.z[part], attempt.z[part]))

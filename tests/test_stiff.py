@@ -412,3 +412,18 @@ def test_complex_state_gradient_of_a_real_loss(adjoint):
     k, eps = 50.0, 1e-4
     fd = (loss(k + eps, "backsolve") - loss(k - eps, "backsolve")) / (2 * eps)
     np.testing.assert_allclose(jax.grad(loss)(k, adjoint), fd, rtol=1e-5)
+
+
+def test_direct_gradient_through_rejected_attempts_that_overflow():
+    # In float32 Rodas5P's first attempts on Robertson overflow (NaN states, rejected):
+    # reverse mode through those discarded attempts gave NaN gradients.
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss = lambda z0, solver: jaxode.odeint(robertson, z0, f32([0.0, 0.1]), f32(K_ROBERTSON),
+                                            solver=solver, adjoint="direct", rtol=1e-3,
+                                            atol=1e-6)[-1, 0]
+    z0 = f32([1.0, 0.0, 0.0])
+    sol = jaxode.solve(robertson, z0, f32([0.0, 0.1]), f32(K_ROBERTSON), solver="rodas5p",
+                       rtol=1e-3, atol=1e-6)
+    assert int(sol.stats["num_rejected"]) > 0
+    grad = jax.grad(loss)(z0, "rodas5p")
+    np.testing.assert_allclose(grad, jax.grad(loss)(z0, "kvaerno3"), rtol=1e-3)
