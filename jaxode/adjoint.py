@@ -685,7 +685,7 @@ def _is_differentiable(x):
 
 class _View(NamedTuple):
     """θ, the part of (params, consts) a backward pass differentiates, with its unravel;
-    `split(params, consts)`: (θ, the rest) of other values; `field_of(rest)`: the vector
+    `split(params, consts)`: (θ, the rest) of given values; `field_of(rest)`: the vector
     field as a function f(z, t, θ) with that rest; `field`: the one with this rest."""
 
     theta: object

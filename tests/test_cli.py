@@ -341,8 +341,10 @@ def test_two_devices_give_the_same_losses_as_one(tmp_path):
         assert a["step"] == b["step"] and a["split"] == b["split"]
         # The sharded gradient's sum is ordered differently (parameters differ by
         # float32 rounding); the evaluation's adaptive solve (rtol 1e-4) of a whole
-        # trajectory then agrees to its own tolerance (2.3e-5 seen), the losses to 1e-7.
-        for key, rtol in (("loss", 1e-5), ("trajectory_l1", TINY["solver"]["rtol"])):
+        # trajectory then takes other steps, and its L1 error, a difference of nearby
+        # trajectories, agrees to 10x that tolerance (2.3e-5 and 2.8e-4 seen in two
+        # environments); the losses to 1e-7.
+        for key, rtol in (("loss", 1e-5), ("trajectory_l1", 10 * TINY["solver"]["rtol"])):
             if key in a:
                 np.testing.assert_allclose(a[key], b[key], rtol=rtol)
 

@@ -111,7 +111,9 @@ def reference(problem):
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_stored_references_are_radau(problem):
-    np.testing.assert_allclose(radau(problem), reference(problem), rtol=1e-9, atol=1e-13)
+    # Radau at rtol 1e-12 reproduces them to a few 1e-9 across scipy builds (3.4e-9 on one
+    # element of Van der Pol, 2026-12-02): far below the 1e-6 the solvers are held to.
+    np.testing.assert_allclose(radau(problem), reference(problem), rtol=1e-8, atol=1e-13)
 
 
 # Solve tolerances: kvaerno3 (third order) at 1e-6 takes as many steps as the others at 1e-8.
