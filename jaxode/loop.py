@@ -203,7 +203,7 @@ class Loop:
         dt = jnp.where(last, c.t_end - c.t, c.dt)
         t_new = jnp.where(last, c.t_end, c.t + dt)
         attempt_at = lambda t, z, dt, state: solver.step(self.f, t, z, dt, state)
-        if static.checkpointed and solver.cut_nonfinite_attempts:
+        if static.checkpointed:  # reverse mode: no NaN from a rejected, overflowed attempt
             attempt_at = cut_if_not_finite(attempt_at)
         attempt = attempt_at(c.t, c.z, dt, c.solver_state)
         part = (..., slice(static.error_size))

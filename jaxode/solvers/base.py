@@ -41,9 +41,6 @@ class AbstractSolver(eqx.Module):
     error_order: ClassVar[int | None] = None  # None: fixed step, needs dt0
     init_nfe: ClassVar[int] = 0  # evaluations of f by `init`, beyond the given f0
     step_nfe: ClassVar[int]  # evaluations of f by one `step`
-    # Reverse mode (adjoint="direct") sends no cotangent into a step attempt whose values
-    # are not all finite (set by Rosenbrock methods, whose too-large attempts overflow).
-    cut_nonfinite_attempts: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, f, t0, z0, f0) -> Any:

@@ -199,8 +199,6 @@ class Rosenbrock(AbstractStiffSolver):
     method's own continuous extension (`RosenbrockTableau.H`)."""
 
     tableau: ClassVar[RosenbrockTableau]
-    # No Newton iteration stops a too-large attempt early: in float32 it can overflow.
-    cut_nonfinite_attempts = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
