@@ -235,12 +235,11 @@ def _solve(f, z0, ts, params, adjoint, settings, tols, batch_axis, event) -> Sol
 def _with_solve_signature(fn):
     """fn(f, z0, ts, params, **options), refusing the removed keywords, and showing
     `solve`'s keywords and defaults (the one list of them) in its signature."""
-    own, shared = inspect.signature(fn).parameters.values(), inspect.signature(solve)
-    extra = [p for p in own if p.kind is p.KEYWORD_ONLY]  # adjoint_nfe's cotangent
+    own, shared = inspect.signature(fn), inspect.signature(solve)
+    extra = [p for p in own.parameters.values() if p.kind is p.KEYWORD_ONLY]  # cotangent
     checked = _refuses_removed_keywords(fn)
-    checked.__signature__ = shared.replace(
-        parameters=[*shared.parameters.values(), *extra],
-        return_annotation=inspect.signature(fn).return_annotation)
+    checked.__signature__ = shared.replace(parameters=[*shared.parameters.values(), *extra],
+                                           return_annotation=own.return_annotation)
     return checked
 
 
@@ -356,7 +355,7 @@ def _setup(z0, *, solver="dopri5", rtol=1e-6, atol=1e-8, dt0=None, max_steps=409
         raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
     if dt0 is not None:
         _check_number("dt0", dt0)
-        if _concrete(dt0) and np.all(np.asarray(dt0) == 0):
+        if _known_zero(dt0):
             raise ValueError("dt0: must be non-zero")
     for name, flag in (("dense", dense), ("progress", progress), ("throw", throw)):
         if not isinstance(flag, bool):
@@ -435,6 +434,10 @@ def _concrete(value) -> bool:
         isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer))
 
 
+def _known_zero(value) -> bool:
+    return _concrete(value) and bool(np.all(np.asarray(value) == 0))
+
+
 def _check_number(name, value):
     if not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
@@ -445,8 +448,7 @@ def _check_number(name, value):
 def _check_tolerances(rtol, atol):
     _check_number("rtol", rtol)
     _check_number("atol", atol)
-    if _concrete(rtol) and _concrete(atol) and not (np.any(np.asarray(rtol) != 0)
-                                                    or np.any(np.asarray(atol) != 0)):
+    if _known_zero(rtol) and _known_zero(atol):
         raise ValueError("rtol, atol: both are 0, which no step can meet; give atol > 0")
 
 
