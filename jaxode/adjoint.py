@@ -11,7 +11,8 @@ accumulating the parameter adjoint a_θ:
 - lanes (`batch_axis`: a batch of trajectories, each with its own steps, sharing θ):
   each lane solves (z, a); a_θ is a quadrature shared by all lanes, Σ dt b_i a_iᵀ∂f/∂θ
   over the accepted steps' stages, from the same linearisation of f that gives the
-  stage's a_z (its pullback applied a second time, once the step is accepted).
+  stage's a_z (its pullback applied a second time, once the step is accepted); a step's
+  first stage and its linearisation are the last step's last (FSAL), carried over.
 
 Time gradients use the closed forms (Appendix C) instead of an extra a_t state:
 dL/dt_i = g_iᵀ f(z(t_i), t_i) for every output time after the first, and
@@ -409,16 +410,17 @@ class _LaneAccumulator(_Accumulator):
         init, step, unfinished, finish = loop.pieces(f, y, taus[0, jnp.array([last, 0])],
                                                      self.static, traced)
         b, lanes = self.static.solver.tableau.b, jnp.arange(num_lanes)
+        first = _FirstStage(f, records, y, taus[:, :1])
 
         def body(state):
-            c, target, a_theta = state
+            c, target, a_theta, stage = state
+            c, stage = first.ready(c, stage)
+            a_1 = c.z[:, n:]
             records.clear()
-            # A fresh first stage (not the previous step's last evaluation): its
-            # linearisation serves the quadrature, and it is right after a jump.
-            c = c._replace(solver_state=f(c.t, c.z))
             c, (dt, accept) = step(c, unfinished(c))
+            pullbacks = [(first.pullback(stage, records[-1][0]), a_1), *records]
             weights = jnp.where(accept, dt, 0).astype(zs.dtype)
-            for b_i, (pullback, a_i) in zip(b, records):  # stages 1..s; f_1's weight is 0
+            for b_i, (pullback, a_i) in zip(b, pullbacks):  # f_1's weight is 0
                 if b_i:
                     theta_bar = pullback(float(b_i) * weights * a_i)[1]
                     theta_bar = self.as_a_theta(ravel_pytree(theta_bar)[0]).astype(a_theta.dtype)
@@ -431,18 +433,81 @@ class _LaneAccumulator(_Accumulator):
             t_next = taus[lanes, jnp.maximum(i - 1, 0)][:, None]
             c = c._replace(z=jnp.where(landed, jumped, c.z),
                            t_end=jnp.where(landed, t_next, c.t_end))
-            return c, jnp.where(landed, target - 1, target), a_theta
+            stage = first.after_step(stage, records[-1][0], accept, landed)
+            return c, jnp.where(landed, target - 1, target), a_theta, stage
 
         def going(state):
-            c, target, _ = state
+            c, target, _, _ = state
             return jnp.any(unfinished(c) | ((target > 0) & (c.status == loop.SUCCESS)))
 
         c = init()._replace(t=taus[:, last:last + 1], t_end=taus[:, last - 1:last])
         target = jnp.full((num_lanes, 1), last - 1)
-        c, _, a_theta = lax.while_loop(going, body, (c, target, self.zero_theta()))
+        c, _, a_theta, stage = lax.while_loop(going, body,
+                                              (c, target, self.zero_theta(), first.init()))
         result = finish(c)
-        nfe = result.stats["nfe"] + c.num_steps  # the fresh first stages
+        nfe = result.stats["nfe"] + stage.evaluations  # the fresh first stages
         return c.z[:, n:], a_theta, nfe[:, 0] + 1, result.status[:, 0]
+
+
+class _Stage(NamedTuple):
+    fresh: jax.Array  # (lanes, 1): the lane's first stage must be evaluated afresh
+    residuals: list  # the leaves of each lane's first-stage pullback
+    evaluations: jax.Array  # (lanes, 1): how many times the lane needed a fresh one
+
+
+class _FirstStage:
+    """A lane's first stage is its last step's last (FSAL), linearisation included: each
+    lane's pullback residuals are carried to the next step, and the first stage is
+    evaluated afresh (for all lanes, in steps that need it) only after a lane's jump
+    at an output time, and at the start."""
+
+    def __init__(self, f, records, y, tau):
+        self.f, self.records = f, records
+        more = lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+        shapes = jax.eval_shape(self._evaluate, tau, y)[1]
+        # Each residual's lane axis (None: a residual of θ alone, the same in every lane).
+        self.axes = [next((k for k, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q), None)
+                     for a, b in zip(shapes, jax.eval_shape(self._evaluate, more(tau), more(y))[1])]
+        self.shapes, self.num_lanes = shapes, y.shape[0]
+
+    def _evaluate(self, tau, y):
+        self.records.clear()
+        value = self.f(tau, y)
+        return value, jax.tree_util.tree_leaves(self.records.pop()[0])
+
+    def init(self) -> _Stage:
+        return _Stage(jnp.ones((self.num_lanes, 1), bool),
+                      [jnp.zeros(s.shape, s.dtype) for s in self.shapes],
+                      jnp.zeros((self.num_lanes, 1), jnp.int32))
+
+    def _select(self, which, new, old):
+        def one(axis, x, y):
+            if axis is None:
+                return x
+            shape = [1] * x.ndim
+            shape[axis] = self.num_lanes
+            return jnp.where(which.reshape(shape), x, y)
+        return [one(*args) for args in zip(self.axes, new, old)]
+
+    def ready(self, c, stage: _Stage):
+        """The carry with every lane's first stage, and its residuals, at (c.t, c.z)."""
+        value, residuals = lax.cond(jnp.any(stage.fresh), lambda: self._evaluate(c.t, c.z),
+                                    lambda: (c.solver_state, stage.residuals))
+        c = c._replace(solver_state=jnp.where(stage.fresh, value, c.solver_state))
+        evaluations = stage.evaluations + stage.fresh.astype(jnp.int32)
+        return c, _Stage(stage.fresh, self._select(stage.fresh, residuals, stage.residuals),
+                         evaluations)
+
+    def pullback(self, stage: _Stage, like):
+        """The first stage's pullback: `like`'s function (the step's last stage, f at
+        another point) with the first stage's residuals."""
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), stage.residuals)
+
+    def after_step(self, stage: _Stage, last, accept, jumped) -> _Stage:
+        """An accepted step's last stage is the next step's first; a rejected step's first
+        stays; a lane that jumped must evaluate it afresh."""
+        residuals = self._select(accept, jax.tree_util.tree_leaves(last), stage.residuals)
+        return _Stage(jumped, residuals, stage.evaluations)
 
 
 class _StiffAccumulator(_IntervalScan):
