@@ -611,7 +611,10 @@ def accumulator_for(settings: Settings, residuals, default):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _direct(ff, settings, z0, ts, params, consts, tols):
-    return _solve(ff, settings, z0, ts, params, consts, tols)
+    # The primal is traced (inside the solve's jit) even when only its fwd rule runs, and
+    # runs when nothing is differentiated: neither needs the checkpointed loop.
+    plain = settings._replace(forward=settings.forward._replace(checkpointed=False))
+    return _solve(ff, plain, z0, ts, params, consts, tols)
 
 
 def _direct_fwd(ff, settings, *primals):
