@@ -611,15 +611,15 @@ def accumulator_for(settings: Settings, residuals, default):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _direct(ff, settings, z0, ts, params, consts, tols):
-    # The primal is traced (inside the solve's jit) even when only its fwd rule runs, and
-    # runs when nothing is differentiated: neither needs the checkpointed loop.
-    plain = settings._replace(forward=settings.forward._replace(checkpointed=False))
-    return _solve(ff, plain, z0, ts, params, consts, tols)
+    # The primal (traced even when only the fwd rule runs, and run when nothing is
+    # differentiated) is the plain loop; only the fwd rule checkpoints it.
+    return _solve(ff, settings, z0, ts, params, consts, tols)
 
 
 def _direct_fwd(ff, settings, *primals):
     # Only the inputs being differentiated are linearised: with ts held fixed (as a loss
     # of z0 or params holds them), t and dt carry no tangent through the steps.
+    settings = settings._replace(forward=settings.forward._replace(checkpointed=True))
     leaves, treedef = jax.tree_util.tree_flatten(primals, is_leaf=_is_primal)
     moving = tuple(leaf.perturbed for leaf in leaves)
 
@@ -676,7 +676,7 @@ def _differentiable_solve(adjoint, ff, settings: Settings, z0, ts, params, tols,
     if isinstance(adjoint, Direct):
         forward = settings.forward
         settings = settings._replace(forward=forward._replace(
-            checkpointed=True, solver=forward.solver.differentiated(z0.shape[-1])))
+            solver=forward.solver.differentiated(z0.shape[-1])))
         # Lanes are a vmapped solve: each sample's loop, f's vjp summing the shared
         # parameters' cotangent over the batch.
         run = lambda z0: _direct(converted, settings, z0, ts, params, tuple(consts), tols)
