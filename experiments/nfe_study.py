@@ -124,7 +124,7 @@ class NFEStudy(ImageExperiment):
         model = nn.ODENet(channels=self.cfg.model.channels,
                           in_channels=self.data["x_train"].shape[1], t1=self.cfg.model.t1,
                           solver=s.method, rtol=s.rtol, atol=s.atol, dt0=s.dt0,
-                          max_steps=s.max_steps, adjoint=s.adjoint, key=key)
+                          max_steps=s.max_steps, adjoint=s.adjoint_method(), key=key)
         return {"odenet": cast(model, self.ctx.dtype)}
 
     def loss(self, models, batch, key):
@@ -234,7 +234,7 @@ class NFEStudy(ImageExperiment):
                  f"to a solve at tolerance {st.reference_tol}; final test error "
                  f"{100 * final.get('test_error', float('nan')):.2f}%",
                  f"trained at rtol=atol={self.cfg.solver.rtol} with {self.cfg.solver.method}, "
-                 f"adjoint={self.cfg.solver.adjoint}; solvers swept: {', '.join(solvers)}"]
+                 f"adjoint={self.cfg.solver.adjoint_text()}; solvers swept: {', '.join(solvers)}"]
         return Report(self.title, rows, figures=figures, notes=notes)
 
     def _plot(self, rows, evals, out):

@@ -277,5 +277,5 @@ class ODENetClassification(ImageExperiment):
                  f"{tuple(self.data['x_train'].shape[1:])}; one test image is "
                  f"{100 / len(self.data['y_test']):.2f}% of the test error",
                  f"solver: {self.cfg.solver.method}, rtol={self.cfg.solver.rtol}, "
-                 f"atol={self.cfg.solver.atol}, adjoint={self.cfg.solver.adjoint}"]
+                 f"atol={self.cfg.solver.atol}, adjoint={self.cfg.solver.adjoint_text()}"]
         return Report(self.title, rows, figures=figures, notes=notes)

@@ -118,6 +118,20 @@ def test_semantic_checks_are_named(tmp_path, capsys):
         load_config(spirals, ["model.dyn_depth=-1"])
 
 
+def test_adjoint_tolerances_make_a_backsolve_and_are_checked():
+    import jaxode
+
+    quick = os.path.join(ROOT, "configs", "odenet_digits_quick.yaml")
+    solver = load_config(quick, ["solver.adjoint_rtol=1e-5", "solver.adjoint_atol=null"])[1].solver
+    assert solver.options()["adjoint"] == jaxode.Backsolve(rtol=1e-5, atol=None)
+    plain = load_config(quick, ["solver.adjoint_rtol=null", "solver.adjoint_atol=null"])[1].solver
+    assert plain.options()["adjoint"] == "backsolve"
+    with pytest.raises(ConfigError, match="'solver.adjoint_atol'.*positive"):
+        load_config(quick, ["solver.adjoint_atol=0"])
+    with pytest.raises(ConfigError, match="'solver.adjoint_rtol'.*backsolve only"):
+        load_config(quick, ["solver.adjoint=direct", "solver.adjoint_atol=null"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path, capsys):
     status = cli.main(["run", str(tmp_path / "nothere.yaml")])
     err = capsys.readouterr().err
