@@ -144,10 +144,13 @@ class SolverConfig:
                 errors[name] = f"must be positive or null, got {value}"
         return errors
 
+    def _own_backward_tolerances(self) -> bool:
+        return self.adjoint_rtol is not None or self.adjoint_atol is not None
+
     def adjoint_method(self):
         """`adjoint=` of `jaxode.odeint`: the name, or a `jaxode.Backsolve` with the
         backward tolerances."""
-        if self.adjoint_rtol is None and self.adjoint_atol is None:
+        if not self._own_backward_tolerances():
             return self.adjoint
         import jaxode
 
@@ -155,7 +158,7 @@ class SolverConfig:
 
     def adjoint_text(self) -> str:
         """The adjoint as a report names it."""
-        if self.adjoint_rtol is None and self.adjoint_atol is None:
+        if not self._own_backward_tolerances():
             return self.adjoint
         return f"{self.adjoint} (backward rtol={self.adjoint_rtol}, atol={self.adjoint_atol})"
 
