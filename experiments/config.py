@@ -138,9 +138,11 @@ class SolverConfig:
             errors["max_steps"] = f"must be a positive integer, got {self.max_steps}"
         for name in ("adjoint_rtol", "adjoint_atol"):
             value = getattr(self, name)
-            if value is not None and self.adjoint != "backsolve":
+            if value is None:
+                continue
+            if self.adjoint != "backsolve":
                 errors[name] = f"applies to adjoint: backsolve only, not {self.adjoint!r}"
-            elif value is not None and not value > 0:
+            elif not value > 0:
                 errors[name] = f"must be positive or null, got {value}"
         return errors
 
