@@ -626,9 +626,10 @@ def test_forward_mode_matches_finite_differences_and_reverse():
     _, tangent = jax.jvp(lambda z: jaxode.solve(_decay, z, TS_SMALL, P0, adjoint="forward",
                                                 rtol=1e-10, atol=1e-10).zs[-1],
                          (Z0_SMALL,), (jnp.array([1.0, 0.0]),))
-    fd_z = (jaxode.odeint(_decay, Z0_SMALL + jnp.array([1e-6, 0]), TS_SMALL, P0, rtol=1e-10,
-                          atol=1e-10)[-1] - jaxode.odeint(_decay, Z0_SMALL - jnp.array(
-                              [1e-6, 0]), TS_SMALL, P0, rtol=1e-10, atol=1e-10)[-1]) / 2e-6
+    # (The eager solves of the differences above, compiled once.)
+    end = lambda z: jaxode.odeint(_decay, z, TS_SMALL, P0, rtol=1e-10, atol=1e-10,
+                                  adjoint="forward")[-1]
+    fd_z = (end(Z0_SMALL + jnp.array([1e-6, 0])) - end(Z0_SMALL - jnp.array([1e-6, 0]))) / 2e-6
     np.testing.assert_allclose(tangent, fd_z, rtol=1e-6)
 
 
@@ -695,13 +696,14 @@ def test_direct_with_batch_axis_matches_vmap_and_backsolve(num_outputs):
         return jax.vmap(lambda z: jaxode.odeint(_decay, z, ts, p, adjoint="direct", rtol=1e-9,
                                                 atol=1e-9), out_axes=1)(z0s)
 
-    np.testing.assert_allclose(lanes(P0), vmapped(P0), rtol=1e-13)
-    np.testing.assert_allclose(lanes(P0), lanes(P0, "backsolve"),
-                               rtol=1e-13, atol=1e-15)
-    loss = lambda fn, *a: (lambda p: jnp.sum(fn(p, *a) ** 2))
-    grad = jax.grad(loss(lanes))(P0)
-    np.testing.assert_allclose(grad, jax.grad(loss(vmapped))(P0), rtol=1e-11)
-    np.testing.assert_allclose(grad, jax.grad(loss(lanes, "backsolve"))(P0), rtol=1e-6)
+    # One program a solve: its outputs and, from them, the gradient of sum(zs ** 2).
+    (zs, pullback), (zs_vmapped, pullback_vmapped), (zs_backsolve, pullback_backsolve) = (
+        jax.vjp(fn, P0) for fn in (lanes, vmapped, lambda p: lanes(p, "backsolve")))
+    np.testing.assert_allclose(zs, zs_vmapped, rtol=1e-13)
+    np.testing.assert_allclose(zs, zs_backsolve, rtol=1e-13, atol=1e-15)
+    (grad,) = pullback(2 * zs)
+    np.testing.assert_allclose(grad, pullback_vmapped(2 * zs_vmapped)[0], rtol=1e-11)
+    np.testing.assert_allclose(grad, pullback_backsolve(2 * zs_backsolve)[0], rtol=1e-6)
 
 
 def test_direct_outputs_from_the_window_and_from_every_row():
@@ -715,13 +717,15 @@ def test_direct_outputs_from_the_window_and_from_every_row():
     ts = jnp.concatenate([jnp.zeros(1), dense, jnp.array([3.0, 4.0])])
     solve = lambda p, ts, adjoint="direct": jaxode.solve(_decay, Z0_SMALL, ts, p, rtol=1e-4,
                                                          atol=1e-4, adjoint=adjoint)
-    sol = solve(P0, ts)
+    # Under differentiation the outputs are those the checkpointed loop writes.
+    outputs = lambda p: (lambda sol: (sol.zs, sol.stats["num_accepted"]))(solve(p, ts))
+    zs, pullback, num_accepted = jax.vjp(outputs, P0, has_aux=True)
     # Fewer steps in all than windows of the dense outputs: some step passed more.
-    assert int(sol.stats["num_accepted"]) < dense.shape[0] // SAVE_WINDOW
-    np.testing.assert_allclose(sol.zs, solve(P0, ts, "backsolve").zs, rtol=1e-13, atol=1e-15)
-    loss = lambda adjoint: (lambda p: jnp.sum(solve(p, ts, adjoint).zs[1:-2] ** 2))
-    np.testing.assert_allclose(jax.grad(loss("direct"))(P0), jax.jacfwd(loss("forward"))(P0),
-                               rtol=1e-10)
+    assert int(num_accepted) < dense.shape[0] // SAVE_WINDOW
+    np.testing.assert_allclose(zs, solve(P0, ts, "backsolve").zs, rtol=1e-13, atol=1e-15)
+    (grad,) = pullback(jnp.zeros_like(zs).at[1:-2].set(2 * zs[1:-2]))  # of sum(zs[1:-2] ** 2)
+    loss = lambda p: jnp.sum(solve(p, ts, "forward").zs[1:-2] ** 2)
+    np.testing.assert_allclose(grad, jax.jacfwd(loss)(P0), rtol=1e-10)
 
 
 def test_second_derivative_in_z0_with_the_parameters_held_fixed():

@@ -644,11 +644,15 @@ def test_complex_linear_system_matches_expm():
     np.testing.assert_allclose(zs64, expected, rtol=1e-4)
 
 
+def _complex_field(z, t, w):
+    return (w[0] * 1j - w[1]) * z + 0.1 * w[2] * z * jnp.conj(z)
+
+
 def _complex_loss(w, adjoint="backsolve"):
-    """A real loss of a complex, nonlinear solve with real parameters w."""
-    field = lambda z, t, w: (w[0] * 1j - w[1]) * z + 0.1 * w[2] * z * jnp.conj(z)
+    """A real loss of a complex, nonlinear solve with real parameters w (one field for
+    every call: eager calls of one field share a compiled program)."""
     z0 = jnp.array([1.0 + 0.2j, 0.5j])
-    zs = jaxode.odeint(field, z0, jnp.array([0.0, 0.5, 1.0]), w, rtol=1e-11, atol=1e-11,
+    zs = jaxode.odeint(_complex_field, z0, jnp.array([0.0, 0.5, 1.0]), w, rtol=1e-11, atol=1e-11,
                        adjoint=adjoint)
     return jnp.sum(jnp.abs(zs[-1]) ** 2) + jnp.sum(jnp.real(zs[1]))
 
@@ -685,11 +689,15 @@ def test_complex_gradient_with_respect_to_complex_z0():
     np.testing.assert_allclose(grad, np.conj(dx + 1j * dy), rtol=1e-6)
 
 
+def _linear(z, t, p):
+    return p @ z
+
+
 def _complex_parameter_gradient(p, **options):
     """dL/dp for a complex matrix p (real loss), by JAX's convention for complex numbers:
     conj(dL/dRe p + i dL/dIm p), which the adjoint accumulates with its imaginary part."""
     z0 = jnp.array([1.0 + 0.5j, -0.3j])
-    loss = lambda p: jnp.sum(jnp.abs(jaxode.odeint(lambda z, t, p: p @ z, z0, jnp.linspace(
+    loss = lambda p: jnp.sum(jnp.abs(jaxode.odeint(_linear, z0, jnp.linspace(
         0.0, 1.5, 4), p, rtol=1e-10, atol=1e-10, **options)) ** 2)
     return jax.grad(loss)(p), loss
 

@@ -308,12 +308,11 @@ class Adams(AbstractSolver):
     the step size is the controller's. It starts at order 1 and climbs one order a step
     while the higher order's estimate is smaller.
 
-    `order` (the initial step's exponent) is the starting order 1, and `error_order`
-    the exponent the step-size controller uses: a fixed 6 (the loop passes the class's
-    value; `current_error_order` gives the order a step actually uses), between the low
-    orders of loose tolerances and the high orders of tight ones; of 3, 4, 6 and 8 on
-    the four classic problems, 6 and 8 took the fewest evaluations and rejections.
-    A rejected step is retried at the same order with the controller's smaller step.
+    `order` (the initial step's exponent) is the starting order 1. The step-size
+    controller's exponent is the order the step used (`current_error_order`: the order
+    in the state), so the step sizes follow the order as it climbs; `error_order` (6)
+    only marks the method as adaptive. A rejected step is retried at the same order with
+    the controller's smaller step.
     """
 
     max_order: int = eqx.field(default=12, static=True)
