@@ -139,8 +139,7 @@ def build_flows(cfg, sizes: dict[str, tuple[int, int]], key) -> dict:
     for (name, (width, depth)), k in zip(sizes.items(), jax.random.split(key, len(sizes))):
         k1, k2 = jax.random.split(k)
         common = dict(dim=2, base_std=m.base_std, t0=m.t0, t1=m.t1, trace=m.trace,
-                      solver=s.method, rtol=s.rtol, atol=s.atol, adjoint=s.adjoint_method(),
-                      max_steps=s.max_steps, key=k1)
+                      **s.options(), key=k1)
         if m.cnf == "cnf":
             models[f"cnf_{name}"] = nn.CNF(width=width, hyper_hidden=m.hyper_hidden, **common)
         else:

@@ -130,8 +130,7 @@ class LatentODESpirals(Experiment):
             models["latent_ode"] = nn.LatentODE(
                 obs_dim=2, latent_dim=m.latent_dim, rec_hidden=m.rec_hidden,
                 dyn_hidden=m.dyn_hidden, dyn_depth=m.dyn_depth, dec_hidden=m.dec_hidden,
-                encoder=m.encoder, obs_std=m.obs_std, solver=s.method, rtol=s.rtol, atol=s.atol,
-                adjoint=s.adjoint_method(), max_steps=s.max_steps, key=k1,
+                encoder=m.encoder, obs_std=m.obs_std, **s.options(), key=k1,
             )
         if "rnn" in m.names:
             models["rnn"] = nn.RNNBaseline(obs_dim=2, hidden_size=m.rnn_hidden,

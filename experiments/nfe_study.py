@@ -120,11 +120,9 @@ class NFEStudy(ImageExperiment):
     def init_models(self, key):
         from jaxode import nn
 
-        s = self.cfg.solver
         model = nn.ODENet(channels=self.cfg.model.channels,
                           in_channels=self.data["x_train"].shape[1], t1=self.cfg.model.t1,
-                          solver=s.method, rtol=s.rtol, atol=s.atol, dt0=s.dt0,
-                          max_steps=s.max_steps, adjoint=s.adjoint_method(), key=key)
+                          **self.cfg.solver.options(), key=key)
         return {"odenet": cast(model, self.ctx.dtype)}
 
     def loss(self, models, batch, key):

@@ -378,6 +378,18 @@ def test_latent_ode_passes_max_steps_to_the_odernn_encoder():
         jax.block_until_ready(eqx.filter_jit(lambda m: m.encode(ts, xs[0]))(model))
 
 
+def test_fixed_step_solvers_take_dt0_in_the_latent_ode_and_the_flows():
+    model = nn.LatentODE(encoder="odernn", solver="rk4", dt0=0.25, key=KEY)
+    assert model.dt0 == model.encoder.dt0 == 0.25  # the encoder's solves too
+    x = jnp.array([[0.3, -0.2]])
+    log_prob = lambda **o: nn.CNF(dim=2, width=4, key=KEY, **o).log_prob(x)
+    coarse, fine = log_prob(solver="rk4", dt0=0.5), log_prob(solver="rk4", dt0=0.125)
+    assert not np.allclose(coarse, fine, rtol=1e-12, atol=0)  # dt0 reaches the solve
+    np.testing.assert_allclose(coarse, fine, rtol=1e-3)  # and two steps of rk4 are close
+    with pytest.raises(ValueError, match="dt0"):
+        nn.CNF(dim=2, width=4, solver="rk4", key=KEY).log_prob(x)
+
+
 def test_rnn_baseline_likelihood_gradient_and_extrapolation():
     ts, xs = _spirals(KEY, n=1, t=8)
     model = nn.RNNBaseline(cell="rnn", key=KEY)

@@ -150,14 +150,14 @@ class _ContinuousFlow(_Flow, SolverOptions):
     noise: str = eqx.field(static=True)
 
     def _set_options(self, *, dim, base_std, t0, t1, trace, noise, solver, rtol, atol,
-                     adjoint, max_steps):
+                     adjoint, dt0, max_steps):
         """Every option but func, checked; called by the subclasses' __init__."""
         check_choice("trace", trace, TRACES)
         check_choice("noise", noise, NOISES)
         self.dim, self.base_std, self.t0, self.t1 = dim, base_std, t0, t1
         self.trace, self.noise = trace, noise
         self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
-                                 max_steps=max_steps)
+                                 dt0=dt0, max_steps=max_steps)
 
     def _noise(self, key, shape, dtype):
         if self.trace == "exact":
@@ -304,6 +304,8 @@ class CNF(_ContinuousFlow):
         atol: absolute tolerance of the solve.
         adjoint: how gradients flow through the solve: "backsolve" (the adjoint
             method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        dt0: the first step (adaptive solvers; None chooses it) or every step
+            (fixed-step solvers).
         max_steps: the most steps one solve may take (reaching it is an error).
         key: a JAX PRNG key for the weights.
 
@@ -325,10 +327,10 @@ class CNF(_ContinuousFlow):
         self, *, dim: int = 2, width: int = 64, hyper_hidden: int = 32, base_std: float = 1.0,
         t0: float = 0.0, t1: float = 1.0, trace: str = "exact", noise: str = "gaussian",
         solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
-        adjoint: str = "backsolve", max_steps: int = 4096, key,
+        adjoint: str = "backsolve", dt0: float | None = None, max_steps: int = 4096, key,
     ):
         self._set_options(dim=dim, base_std=base_std, t0=t0, t1=t1, trace=trace, noise=noise,
-                          solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                          solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, dt0=dt0,
                           max_steps=max_steps)
         self.func = PlanarField(dim=dim, width=width, hyper_hidden=hyper_hidden, key=key)
 
@@ -353,6 +355,8 @@ class FFJORD(_ContinuousFlow):
         atol: absolute tolerance of the solve.
         adjoint: how gradients flow through the solve: "backsolve" (the adjoint
             method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        dt0: the first step (adaptive solvers; None chooses it) or every step
+            (fixed-step solvers).
         max_steps: the most steps one solve may take (reaching it is an error).
         key: a JAX PRNG key for the weights.
 
@@ -369,10 +373,11 @@ class FFJORD(_ContinuousFlow):
         self, *, dim: int = 2, hidden: tuple = (64, 64), activation=jnp.tanh,
         base_std: float = 1.0, t0: float = 0.0, t1: float = 1.0, trace: str = "hutchinson",
         noise: str = "gaussian", solver: str = "dopri5", rtol: float = 1e-5,
-        atol: float = 1e-5, adjoint: str = "backsolve", max_steps: int = 4096, key,
+        atol: float = 1e-5, adjoint: str = "backsolve", dt0: float | None = None,
+        max_steps: int = 4096, key,
     ):
         self._set_options(dim=dim, base_std=base_std, t0=t0, t1=t1, trace=trace, noise=noise,
-                          solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
+                          solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, dt0=dt0,
                           max_steps=max_steps)
         self.func = ConcatMLPField(dim=dim, hidden=tuple(hidden), activation=activation, key=key)
 

@@ -151,7 +151,7 @@ class ODERNNEncoder(SolverOptions):
     back to t_i), and at each time with an observation a GRU reads [x * mask, mask].
     A linear map of h at ts[0] gives (mean, log_std) of q(z0 | x). h stays at zero
     until the latest observation (so trailing padding does not change the result).
-    The ODE solves use `solver`, `rtol`, `atol`, `adjoint` and `max_steps` as
+    The ODE solves use `solver`, `rtol`, `atol`, `adjoint`, `dt0` and `max_steps` as
     `jaxode.odeint` does.
 
     Args:
@@ -164,6 +164,8 @@ class ODERNNEncoder(SolverOptions):
         atol: absolute tolerance of the solve.
         adjoint: how gradients flow through the solve: "backsolve" (the adjoint
             method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        dt0: the first step (adaptive solvers; None chooses it) or every step
+            (fixed-step solvers).
         max_steps: the most steps one solve may take (reaching it is an error).
         key: a JAX PRNG key for the weights.
 
@@ -183,7 +185,8 @@ class ODERNNEncoder(SolverOptions):
     def __init__(
         self, *, obs_dim: int = 2, hidden_size: int = 25, latent_dim: int = 4,
         ode_hidden: int = 25, solver: str = "dopri5", rtol: float = 1e-5,
-        atol: float = 1e-7, adjoint: str = "backsolve", max_steps: int = 4096, key,
+        atol: float = 1e-7, adjoint: str = "backsolve", dt0: float | None = None,
+        max_steps: int = 4096, key,
     ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.cell = eqx.nn.GRUCell(2 * obs_dim, hidden_size, key=k1)
@@ -193,7 +196,7 @@ class ODERNNEncoder(SolverOptions):
         self.out = eqx.nn.Linear(hidden_size, 2 * latent_dim, key=k3)
         self.hidden_size = hidden_size
         self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
-                                 max_steps=max_steps)
+                                 dt0=dt0, max_steps=max_steps)
 
     def _update(self, h, x, m):
         return jnp.where(jnp.any(m > 0), self.cell(jnp.concatenate([x * m, m]), h), h)
@@ -271,6 +274,8 @@ class LatentODE(SolverOptions):
         atol: absolute tolerance of the solve.
         adjoint: how gradients flow through the solve: "backsolve" (the adjoint
             method), "direct" or "forward", or a `jaxode.Backsolve`/`Direct`/`Forward`.
+        dt0: the first step (adaptive solvers; None chooses it) or every step
+            (fixed-step solvers).
         max_steps: the most steps one solve may take (reaching it is an error).
         key: a JAX PRNG key for the weights.
 
@@ -313,6 +318,7 @@ class LatentODE(SolverOptions):
         rtol: float = 1e-6,
         atol: float = 1e-8,
         adjoint: str = "backsolve",
+        dt0: float | None = None,
         max_steps: int = 4096,
         key,
     ):
@@ -321,8 +327,8 @@ class LatentODE(SolverOptions):
         if encoder == "odernn":
             self.encoder = ODERNNEncoder(
                 obs_dim=obs_dim, hidden_size=rec_hidden, latent_dim=latent_dim,
-                solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, max_steps=max_steps,
-                key=k1,
+                solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, dt0=dt0,
+                max_steps=max_steps, key=k1,
             )
         else:
             self.encoder = RNNEncoder(
@@ -343,7 +349,7 @@ class LatentODE(SolverOptions):
         self.obs_std = obs_std
         self.latent_dim = latent_dim
         self._set_solver_options(solver=solver, rtol=rtol, atol=atol, adjoint=adjoint,
-                                 max_steps=max_steps)
+                                 dt0=dt0, max_steps=max_steps)
 
     def _odeint(self, f, z0, ts, params):
         """(zs, stats) of the latent solve; stats["nfe"] the forward evaluations."""
