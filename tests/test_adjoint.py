@@ -626,7 +626,7 @@ def test_forward_mode_matches_finite_differences_and_reverse():
     _, tangent = jax.jvp(lambda z: jaxode.solve(_decay, z, TS_SMALL, P0, adjoint="forward",
                                                 rtol=1e-10, atol=1e-10).zs[-1],
                          (Z0_SMALL,), (jnp.array([1.0, 0.0]),))
-    # (The eager solves of the differences above, compiled once.)
+    # The same solve as the differences of p above: one compiled program for both.
     end = lambda z: jaxode.odeint(_decay, z, TS_SMALL, P0, rtol=1e-10, atol=1e-10,
                                   adjoint="forward")[-1]
     fd_z = (end(Z0_SMALL + jnp.array([1e-6, 0])) - end(Z0_SMALL - jnp.array([1e-6, 0]))) / 2e-6
@@ -717,8 +717,11 @@ def test_direct_outputs_from_the_window_and_from_every_row():
     ts = jnp.concatenate([jnp.zeros(1), dense, jnp.array([3.0, 4.0])])
     solve = lambda p, ts, adjoint="direct": jaxode.solve(_decay, Z0_SMALL, ts, p, rtol=1e-4,
                                                          atol=1e-4, adjoint=adjoint)
+    def outputs(p):
+        sol = solve(p, ts)
+        return sol.zs, sol.stats["num_accepted"]
+
     # Under differentiation the outputs are those the checkpointed loop writes.
-    outputs = lambda p: (lambda sol: (sol.zs, sol.stats["num_accepted"]))(solve(p, ts))
     zs, pullback, num_accepted = jax.vjp(outputs, P0, has_aux=True)
     # Fewer steps in all than windows of the dense outputs: some step passed more.
     assert int(num_accepted) < dense.shape[0] // SAVE_WINDOW
