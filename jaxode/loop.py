@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import events
+from . import events, xla_cpu
 from .control import AbstractController, initial_step
 from .guards import cut_if_not_finite
 from .solvers import AbstractSolver
@@ -94,8 +94,8 @@ class _Carry(NamedTuple):
     dt: jax.Array
     controller_state: Any
     next_output: jax.Array
-    # (len(ts) + 1, n): the outputs and a spare last row that takes the writes a step
-    # does not make (so that every write is in bounds); None with only the end points.
+    # (len(ts) + SAVE_CHUNK, n): the outputs and spare rows after them that take the
+    # writes a step does not make (every write in bounds); None with only the end points.
     zs: jax.Array | None
     num_steps: jax.Array
     num_accepted: jax.Array
@@ -130,7 +130,17 @@ def solve(f, z0, ts, static: Static, traced: Traced, event: events.Event | None 
         # the finished ones itself: a batched loop condition would make XLA select every
         # carry leaf, the output and history buffers included, at every step.
         body = lambda c: step(c, unfinished(c))[0]
-        final = lax.while_loop(lambda c: eqxi.unvmap_any(unfinished(c)), body, init())
+        run = lambda c0: lax.while_loop(lambda c: eqxi.unvmap_any(unfinished(c)), body, c0)
+        # The loop is a call of its own, which a small solve runs as one function on
+        # XLA:CPU. The barrier keeps XLA from folding its initial values into constant
+        # operands of the call (under grad of grad, the emitter aborted on a call whose
+        # operands were constants). The tag goes on the states that `finish` reads: one
+        # on an unused value is dropped.
+        final = jax.jit(run)(lax.optimization_barrier(init()))
+        if final.zs is None:
+            final = final._replace(z=xla_cpu.one_kernel(final.z))
+        else:
+            final = final._replace(zs=xla_cpu.one_kernel(final.zs))
     result = finish(final)
     if event is None:
         return result
@@ -168,7 +178,9 @@ class Loop:
         status = jnp.where(_all_finite(z0) & jnp.isfinite(dt), status, NONFINITE_STATE)
         zs = None
         if taus.shape[0] > 2:
-            zs = jnp.full((*z0.shape[:-1], taus.shape[0] + 1, z0.shape[-1]), jnp.nan, z0.dtype)
+            # Spare rows after the outputs take the writes that land past them.
+            rows = taus.shape[0] + SAVE_CHUNK
+            zs = jnp.full((*z0.shape[:-1], rows, z0.shape[-1]), jnp.nan, z0.dtype)
             zs = zs.at[..., 0, :].set(z0)
         probe = jax.eval_shape(lambda: solver.step(f, t0, z0, dt, solver_state))
         zero = jnp.zeros(lanes, jnp.int32)
@@ -322,7 +334,7 @@ class Loop:
             reached = ~self._going(c.t, c.t_end, c.event_happened)
             zs = jnp.stack([self.z0, jnp.where(reached, c.z, jnp.nan)], axis=-2)
         else:
-            zs = c.zs[..., :-1, :]
+            zs = c.zs[..., :self.taus.shape[0], :]
             if c.event_happened is not None:  # outputs after the event hold its state
                 after = c.event_happened[..., None] & (self.taus > c.t)[..., None]
                 zs = jnp.where(after, c.z[..., None, :], zs)
@@ -378,18 +390,24 @@ def _draw_progress(percent, steps):
 
 def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """Fill every output time in (t, t_new] by dense output; steps never shrink for them.
-    Each pass fills the next SAVE_CHUNK outputs in one scatter."""
-    num_outputs = taus.shape[0]
+    Each pass fills the next SAVE_CHUNK output rows in one block: a slice write, which
+    XLA:CPU's one-function loops compile (a scatter they do not)."""
+    # Past the last output the times are +inf, so a block there writes nothing.
+    padded = jnp.concatenate([taus, jnp.full((SAVE_CHUNK,), jnp.inf, taus.dtype)])
 
     def pending(state):
         index, _ = state
-        return accept & (index < num_outputs) & (taus[jnp.minimum(index, num_outputs - 1)] <= t_new)
+        return accept & (lax.dynamic_index_in_dim(padded, index, keepdims=False) <= t_new)
 
     def fill(state):
         index, zs = state
-        window = index + jnp.arange(SAVE_CHUNK, dtype=index.dtype)
-        zs, index = _write(solver, taus, zs, index, window, t, z, dt, t_new, z1, dense, accept)
-        return index, zs
+        tau = lax.dynamic_slice_in_dim(padded, index, SAVE_CHUNK)
+        write = accept & (tau <= t_new)
+        # Rows from `index` on are unwritten (NaN): those the step did not reach stay so.
+        block = jnp.where(write[:, None], _interpolate(solver, tau, t, z, dt, t_new, z1, dense),
+                          jnp.nan)
+        zs = lax.dynamic_update_slice_in_dim(zs, block.astype(zs.dtype), index, axis=-2)
+        return index + jnp.sum(write, dtype=index.dtype), zs
 
     next_output, zs = lax.while_loop(lambda s: eqxi.unvmap_any(pending(s)), fill, (next_output, zs))
     return zs, next_output
@@ -418,18 +436,23 @@ def _save_masked(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, acce
 
 def _write(solver, taus, zs, index, rows, t, z, dt, t_new, z1, dense, accept):
     """(zs, index): the outputs among `rows` (none before `index`) that the step passed,
-    written from its dense output in one scatter (the others aimed at the spare last
-    row), and the next output to write."""
+    written from its dense output in one scatter (the others aimed at the spare row
+    len(ts)), and the next output to write."""
     num_outputs = taus.shape[0]
     tau = taus[jnp.minimum(rows, num_outputs - 1)]
     write = accept & (rows < num_outputs) & (tau <= t_new)
+    values = _interpolate(solver, tau, t, z, dt, t_new, z1, dense)
+    zs = zs.at[jnp.where(write, rows, num_outputs)].set(values)
+    return zs, index + jnp.sum(write, dtype=index.dtype)
+
+
+def _interpolate(solver, tau, t, z, dt, t_new, z1, dense):
+    """The step's dense output at the times tau (z1 exactly at its end)."""
     # A finished lane of a vmapped solve still runs the step, with dt = 0: a NaN from 0/0
     # here would leak through the mask into the gradient.
     safe_dt = jnp.where(dt == 0, 1, dt)
     values = jax.vmap(lambda tau: solver.interpolate(z, dt, dense, (tau - t) / safe_dt))(tau)
-    values = jnp.where((tau == t_new)[:, None], z1, values)
-    zs = zs.at[jnp.where(write, rows, num_outputs)].set(values)
-    return zs, index + jnp.sum(write, dtype=index.dtype)
+    return jnp.where((tau == t_new)[:, None], z1, values)
 
 
 def evaluate(solver: AbstractSolver, history: History, num_steps, tau, tau_end=None):
