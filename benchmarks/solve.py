@@ -5,7 +5,8 @@
 (a) a neural-ODE workload (MLP field, batch 512, float32) in "joint" and "vmap" batch
     modes: NFE, steady-state time, first-call (trace + compile + run) time;
 (b) work-precision on four classic problems in float64: error at the final time
-    against scipy's DOP853 at 1e-13, NFE, time per solve;
+    against scipy's DOP853 at 1e-13, NFE, time per solve (jax.experimental.ode's time
+    beside dopri5's);
 (c) overhead of the solver loop: solve time / (NFE x time of one evaluation of f);
 (d) section (b) again, with XLA:CPU's small-loop path opened to every library
     (`SMALL_LOOP_FLAGS`): a while loop whose one iteration touches fewer bytes than a
@@ -71,7 +72,8 @@ MODES = ("joint", "vmap")
 # default, so its program holds no code before the loop. "jaxode dt0=0.01" starts the same
 # way: the like-for-like row (the targets stay on jaxode's automatic first step).
 JAXODE_DT0 = "jaxode dt0=0.01"
-JAX_SYSTEMS = ("jaxode", JAXODE_DT0, "diffrax", "jax.experimental.ode")
+JODE = "jax.experimental.ode"
+JAX_SYSTEMS = ("jaxode", JAXODE_DT0, "diffrax", JODE)
 
 # (b): work-precision.
 TOLS_B = (1e-4, 1e-6, 1e-8, 1e-10)
@@ -430,6 +432,16 @@ def _b_solver(system, method, problem, field):
     import jaxode
 
     _, _, t_end = PROBLEMS_B[problem]
+    if system == JODE:  # dopri5 only; its tolerances must be Python floats (static)
+        import jax.experimental.ode as jode
+
+        ts = jnp.array([0.0, t_end])
+
+        def fn(y0, rtol, atol):
+            return jode.odeint(field, y0, ts, None, rtol=rtol, atol=atol,
+                               mxstep=MAX_STEPS_B)[-1], None
+
+        return fn
     if system == "jaxode":
         ts = jnp.array([0.0, t_end])
 
@@ -460,49 +472,68 @@ def _loop_is_one_function(jitted, *args) -> bool:
     return " while(" not in text.split("\nENTRY ")[1]
 
 
+def _b_systems(method: str) -> tuple:
+    return ("jaxode", "diffrax", JODE) if method == "dopri5" else ("jaxode", "diffrax")
+
+
 def _b_rows(cfg, problem, method, f, y0, ref, tols, real) -> list:
-    """One problem and method at every tolerance: jaxode's and diffrax's error, NFE,
-    steps and compile time, and their times from one interleaved block."""
+    """One problem and method at every tolerance: each system's error, NFE, steps and
+    compile time, and their times from one interleaved block."""
     import jax
     import jax.numpy as jnp
 
     rows = []
     timed, found = {}, {}
-    for system in ("jaxode", "diffrax"):
+    systems = _b_systems(method)
+    for system in systems:
         field = lambda y, t, p, f=f: f(y, t, jnp)  # noqa: E731
-        tol0 = jnp.asarray(tols[0], real)
         solver = _b_solver(system, method, problem, field)
-        _, first = first_call(lambda *a, solver=solver: solver(*a)[0], y0, tol0, tol0)
+        counter = [0]
+        counted = _b_solver(system, method, problem, counting(field, counter))
+        if system == JODE:  # static tolerances: one program per tolerance
+            programs = {tol: (lambda y, s=solver, tol=tol: s(y, tol, tol)[0], (y0,))
+                        for tol in tols}
+            counts = {tol: (lambda y, s=counted, tol=tol: s(y, tol, tol), (y0,))
+                      for tol in tols}
+        else:
+            tol_args = {tol: (y0, jnp.asarray(tol, real), jnp.asarray(tol, real))
+                        for tol in tols}
+            final = lambda *a, s=solver: s(*a)[0]  # noqa: E731  (one program, all tols)
+            programs = {tol: (final, tol_args[tol]) for tol in tols}
+            counts = {tol: (counted, tol_args[tol]) for tol in tols}
+        fn0, args0 = programs[tols[0]]
+        _, first = first_call(fn0, *args0)
         # Timed through jax.jit: calling the compiled executable itself costs
         # 25-90 us more a call here, which would pull small problems' ratios to 1.
-        compiled = jax.jit(lambda *a, solver=solver: solver(*a)[0])
-        one_function = _loop_is_one_function(compiled, y0, tol0, tol0)
-        counter = [0]
-        counted = jax.jit(_b_solver(system, method, problem, counting(
-            lambda y, t, p, f=f: f(y, t, jnp), counter)))
+        jitted = {fn: jax.jit(fn) for fn in {fn for fn, _ in programs.values()}}
+        counted_jit = {fn: jax.jit(fn) for fn in {fn for fn, _ in counts.values()}}
+        one_function = _loop_is_one_function(jitted[fn0], *args0)
         for tol in tols:
-            tol_ = jnp.asarray(tol, real)
-            y_end = np.asarray(compiled(y0, tol_, tol_))
+            fn, args = programs[tol]
+            y_end = np.asarray(jitted[fn](*args))
             counter[0] = 0
-            _, steps = jax.block_until_ready(counted(y0, tol_, tol_))
+            cfn, cargs = counts[tol]
+            _, steps = jax.block_until_ready(counted_jit[cfn](*cargs))
             found[(system, tol)] = {
                 "error": float(np.max(np.abs(y_end - ref))),
-                "nfe": counter[0], "steps": int(steps),
+                "nfe": counter[0], "steps": None if steps is None else int(steps),
                 "compile_s": first["lower"] + first["compile"],
                 "loop_one_function": one_function,
             }
-            timed[f"{system}/{tol}"] = (
-                lambda c=compiled, t=tol_: c(y0, t, t))
+            timed[f"{system}/{tol}"] = lambda c=jitted[fn], a=args: c(*a)
     times = time_interleaved(timed, cfg["repeats_b"], cfg["min_sample_b"])
     for tol in tols:
         j, d = found[("jaxode", tol)], found[("diffrax", tol)]
-        tj, td = times[f"jaxode/{tol}"]["median"], times[f"diffrax/{tol}"]["median"]
-        rows.append({
+        row = {
             "problem": problem, "method": method, "tol": tol,
-            "jaxode": {**j, "time_s": tj}, "diffrax": {**d, "time_s": td},
             "error_ratio": ratio(j["error"], d["error"]),
             "time_ratio": paired_ratio(times, f"jaxode/{tol}", f"diffrax/{tol}"),
-        })
+        }
+        for system in systems:
+            row[system] = {**found[(system, tol)], "time_s": times[f"{system}/{tol}"]["median"]}
+        if JODE in systems:
+            row["time_ratio_jode"] = paired_ratio(times, f"jaxode/{tol}", f"{JODE}/{tol}")
+        rows.append(row)
     return rows
 
 
@@ -527,7 +558,7 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
                 fmt(r["jaxode"]["error"], ".2e"), fmt(r["diffrax"]["error"], ".2e"),
                 fmt(r["error_ratio"], ".2f"), fmt(r["jaxode"]["nfe"]), fmt(r["diffrax"]["nfe"]),
                 us(r["jaxode"]["time_s"]), us(r["diffrax"]["time_s"]),
-                fmt(r["time_ratio"], ".2f"),
+                us(r[JODE]["time_s"]) if JODE in r else "-", fmt(r["time_ratio"], ".2f"),
                 "/".join("yes" if r[s]["loop_one_function"] else "no"
                          for s in ("jaxode", "diffrax"))] for r in rows]
     flags = f" (XLA_FLAGS={os.environ.get('XLA_FLAGS')})" if name == "d" else ""
@@ -536,7 +567,7 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
         "error = max |y(T) - y_ref(T)|"
         + flags,
         ["problem", "method", "tol", "err jaxode", "err diffrax", "err j/d", "NFE j",
-         "NFE d", "us j", "us d", "time j/d", "loop 1 fn j/d"],
+         "NFE d", "us j", "us d", "us jode", "time j/d", "loop 1 fn j/d"],
         printed,
 "y_ref: scipy DOP853 at rtol = atol = 1e-13. us: median per solve, jitted, tolerances "
         "passed as traced scalars\n(one compile per problem and method); time j/d: median "
@@ -558,8 +589,16 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
                         "value": geo, "met": geo <= 0.5})
         targets.append({"target": f"{method}: error <= diffrax's at equal tol (all runs)",
                         "value": err_ok / len(rs), "met": err_ok == len(rs)})
+    jode = [r["time_ratio_jode"] for r in rows if "time_ratio_jode" in r]
+    if jode:
+        geo = math.exp(statistics.mean(math.log(x) for x in jode))
+        summary.append([f"dopri5 / {JODE}", fmt(geo, ".2f"), fmt(min(jode), ".2f"),
+                        fmt(max(jode), ".2f"), "-", "-", "-"])
+        targets.append({"target": f"dopri5: time per solve <= 1.0x {JODE} (geo. mean)",
+                        "value": geo, "met": geo <= 1.0})
     fixed = _fixed_cost(cfg) if name == "b" else None
-    print(table(f"({name}) summary over problems and tolerances (jaxode/diffrax)",
+    print(table(f"({name}) summary over problems and tolerances (jaxode/diffrax; the last "
+                f"row jaxode/{JODE})",
                 ["method", "time geo", "time min", "time max", "NFE geo", "error geo",
                  "error <= diffrax"], summary))
     _print_targets(f"({name}) targets", targets)
