@@ -160,6 +160,12 @@ class Loop:
         self.f, self.z0, self.taus, self.static, self.traced = f, z0, taus, static, traced
         self.solver, self.controller, self.event = static.solver, static.controller, event
         self.lanes = z0.shape[:-1] + (1,) if z0.ndim > 1 else ()
+        # The output times and SAVE_CHUNK +inf after them (see `_save`), padded here, out
+        # of the loop: inside, the concatenation would be redone at every step. The barrier
+        # keeps XLA from folding them into a constant, which a one-function loop (see
+        # `solve`) cannot be handed when it is large.
+        self.padded_taus = lax.optimization_barrier(
+            jnp.concatenate([taus, jnp.full((SAVE_CHUNK,), jnp.inf, taus.dtype)]))
 
     def init(self) -> _Carry:
         f, z0, taus, static, solver = self.f, self.z0, self.taus, self.static, self.solver
@@ -296,9 +302,10 @@ class Loop:
         """The outputs the step passed, and its row of the dense history."""
         zs, next_output, history = c.zs, c.next_output, c.history
         if zs is not None:
-            save = _save_masked if self.static.checkpointed else _save
-            zs, next_output = save(self.solver, self.taus, zs, next_output, c.t, c.z, dt,
-                                   t_new, attempt.z, attempt.dense, accept)
+            save, taus = ((_save_masked, self.taus) if self.static.checkpointed
+                          else (_save, self.padded_taus))
+            zs, next_output = save(self.solver, taus, zs, next_output, c.t, c.z, dt, t_new,
+                                   attempt.z, attempt.dense, accept)
         if history is not None:
             # One row per attempt, each written once. A rejected attempt shares its t_start
             # with the accepted one that follows, which comes later in the rows and so is
@@ -388,12 +395,12 @@ def _draw_progress(percent, steps):
     sys.stderr.flush()
 
 
-def _save(solver, taus, zs, next_output, t, z, dt, t_new, z1, dense, accept):
+def _save(solver, padded, zs, next_output, t, z, dt, t_new, z1, dense, accept):
     """Fill every output time in (t, t_new] by dense output; steps never shrink for them.
     Each pass fills the next SAVE_CHUNK output rows in one block: a slice write, which
-    XLA:CPU's one-function loops compile (a scatter they do not)."""
-    # Past the last output the times are +inf, so a block there writes nothing.
-    padded = jnp.concatenate([taus, jnp.full((SAVE_CHUNK,), jnp.inf, taus.dtype)])
+    XLA:CPU's one-function loops compile (a scatter they do not). `padded`: the output
+    times and SAVE_CHUNK +inf after them, so that a block past the last output writes
+    nothing."""
 
     def pending(state):
         index, _ = state

@@ -7,8 +7,9 @@ SmallWhileLoopHoistingPass tags loops that touch under 1 KiB a pass, which a dop
 on two float64 states just misses). `one_kernel` tags the call that produced a value, at
 lowering, where the real (vmapped) shapes are known, when that function's emitter
 compiles everything in it: only the operations in `_COMPILED`, no array over
-`ONE_KERNEL_SIZE` elements (larger reductions become fusions it has no code for). On
-other platforms, and for anything else, it is the identity.
+`ONE_KERNEL_SIZE` elements (larger reductions become fusions it has no code for) but
+the buffers only passed on or sliced (`_CARRIED`, up to `BUFFER_SIZE`). On other
+platforms, and for anything else, it is the identity.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ _COMPILED = frozenset(
     is_pos_inf lgamma next_after sinh square tan""".split()
 ) | {"func.call", "func.return"}
 
+# Operations that only pass a buffer on, or read or write a slice of it in place (the
+# solve's outputs and output times): their buffer may hold up to BUFFER_SIZE elements,
+# when the call is handed it from an optimization barrier (see `_lower_cpu`).
+_CARRIED = frozenset(
+    "stablehlo." + name for name in """while dynamic_slice dynamic_update_slice return
+    tuple get_tuple_element optimization_barrier""".split()
+) | {"func.call", "func.return"}
+BUFFER_SIZE = 1 << 14  # measured to compile and run right up to 16,016 (8,000 outputs)
+
 one_kernel_p = Primitive("jaxode_one_kernel")
 one_kernel_p.def_impl(lambda x: x)
 one_kernel_p.def_abstract_eval(lambda aval: aval)
@@ -65,7 +75,11 @@ def _lower_cpu(ctx, x):
     functions = {str(ir.StringAttr(op.attributes["sym_name"]).value): op
                  for op in ctx.module_context.module.body.operations
                  if "sym_name" in op.attributes}
-    if _compiles(functions, str(ir.FlatSymbolRefAttr(call.attributes["callee"]).value), set()):
+    # A larger operand must come from an optimization barrier: XLA folds one it can into a
+    # constant, and the emitter aborted the process on a constant buffer of 1,500 elements.
+    handed = all(_small(v, ONE_KERNEL_SIZE) or _from_barrier(v) for v in call.operands)
+    callee = str(ir.FlatSymbolRefAttr(call.attributes["callee"]).value)
+    if handed and _compiles(functions, callee, set()):
         call.attributes["mhlo.frontend_attributes"] = ir.DictAttr.get({
             "xla_cpu_small_call": ir.StringAttr.get("true"),
             # Else XLA inlines the call before its CPU backend sees the tag.
@@ -76,7 +90,8 @@ def _lower_cpu(ctx, x):
 
 def _compiles(functions, name, seen) -> bool:
     """Whether the function `name` (and every function it calls) holds only operations
-    in `_COMPILED` on arrays of at most ONE_KERNEL_SIZE elements."""
+    in `_COMPILED` on arrays of at most ONE_KERNEL_SIZE elements (BUFFER_SIZE in
+    `_CARRIED`)."""
     if name in seen:
         return True
     seen.add(name)
@@ -90,7 +105,9 @@ def _compiles(functions, name, seen) -> bool:
                 stack.extend(inner.operation for inner in block.operations)
         if op is functions[name].operation:
             continue
-        if op.name not in _COMPILED or not all(map(_small, [*op.operands, *op.results])):
+        limit = BUFFER_SIZE if op.name in _CARRIED else ONE_KERNEL_SIZE
+        if op.name not in _COMPILED or not all(_small(v, limit)
+                                                for v in [*op.operands, *op.results]):
             return False
         if op.name == "func.call" and not _compiles(
                 functions, str(ir.FlatSymbolRefAttr(op.attributes["callee"]).value), seen):
@@ -98,11 +115,16 @@ def _compiles(functions, name, seen) -> bool:
     return True
 
 
-def _small(value) -> bool:
+def _from_barrier(value) -> bool:
+    owner = value.owner
+    return not isinstance(owner, ir.Block) and owner.name == "stablehlo.optimization_barrier"
+
+
+def _small(value, limit) -> bool:
     shaped = value.type
     if not isinstance(shaped, ir.ShapedType):  # a token
         return True
-    return shaped.has_static_shape and int(np.prod(shaped.shape)) <= ONE_KERNEL_SIZE
+    return shaped.has_static_shape and int(np.prod(shaped.shape)) <= limit
 
 
 mlir.register_lowering(one_kernel_p, lambda ctx, x: [x])

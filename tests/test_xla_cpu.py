@@ -45,6 +45,25 @@ def test_a_call_is_tagged_only_with_arrays_up_to_the_size_limit(size, tagged):
     np.testing.assert_array_equal(jax.jit(fn)(x), 1024.0)
 
 
+def _doubling_the_first_ten(x):
+    # A buffer only read and written by slice, as a solve's outputs are.
+    def body(c):
+        i, x = c
+        return i + 1, lax.dynamic_update_slice(x, 2 * lax.dynamic_slice(x, (i,), (1,)), (i,))
+    return lax.while_loop(lambda c: c[0] < 10, body, (0, x))[1]
+
+
+@pytest.mark.parametrize("size, barrier, tagged", [
+    (2000, True, True), (2000, False, False), (xla_cpu.BUFFER_SIZE + 1, True, False)])
+def test_a_larger_buffer_is_handed_to_a_tagged_call_only_from_a_barrier(size, barrier, tagged):
+    def fn(x):
+        x = lax.optimization_barrier(x) if barrier else x
+        return xla_cpu.one_kernel(jax.jit(_doubling_the_first_ten)(x))
+    x = jnp.ones(size)
+    assert (TAG in _hlo(fn, x)) == tagged
+    np.testing.assert_array_equal(jax.jit(fn)(x), np.where(np.arange(size) < 10, 2.0, 1.0))
+
+
 def test_a_call_with_a_dot_product_is_not_tagged():
     x, m = jnp.ones(200), jnp.eye(200)
     fn = lambda x, m: xla_cpu.one_kernel(jax.jit(lambda x: _doubling(m @ x))(x))
@@ -103,3 +122,28 @@ def test_a_solve_in_a_scan_is_one_function_and_none_when_switched_off(monkeypatc
     np.testing.assert_allclose(jax.jit(in_scan)(z0), _exact([2.0], z0)[0], rtol=1e-8)
     monkeypatch.setattr(xla_cpu, "ENABLED", False)
     assert TAG not in _hlo(lambda z0: solve(z0) + 0, z0)
+
+
+def test_a_solve_with_many_output_times_is_one_function_and_the_same(monkeypatch):
+    # 2,000 output times, a constant of the program: 4,000 output elements.
+    ts = jnp.linspace(0.0, 3.0, 2000)
+    solve = lambda z0: jaxode.odeint(_rotation, z0, ts, None, rtol=1e-10, atol=1e-10)
+    z0 = jnp.array([1.0, 0.5])
+    assert TAG in _hlo(solve, z0)
+    tagged = jax.jit(solve)(z0)
+    np.testing.assert_allclose(tagged[::400], _exact(ts[::400], z0), rtol=1e-8, atol=1e-9)
+    monkeypatch.setattr(xla_cpu, "ENABLED", False)
+    np.testing.assert_array_equal(jax.jit(lambda z0: solve(z0) + 0)(z0), tagged)
+
+
+def test_a_field_reading_a_large_constant_keeps_the_kernels():
+    # A table of 2,000 rates read by index: XLA makes it a constant operand of the call.
+    rates = np.linspace(0.5, 1.5, 2000)
+    decay = lambda z, t, params: -jnp.asarray(rates)[jnp.floor(10 * t).astype(jnp.int32)] * z
+    solve = lambda z0: jaxode.odeint(decay, z0, jnp.array([0.0, 1.0]), None,
+                                     rtol=1e-10, atol=1e-10)[-1]
+    z0 = jnp.array([1.0, 0.5])
+    assert TAG not in _hlo(solve, z0)
+    # The rate jumps every 0.1: the steps across the jumps hold the error to about 1e-7.
+    np.testing.assert_allclose(jax.jit(solve)(z0), np.exp(-0.1 * rates[:10].sum()) * z0,
+                               rtol=1e-6)
