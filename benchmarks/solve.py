@@ -88,10 +88,11 @@ def config(quick: bool) -> dict:
     if quick:
         return dict(quick=True, repeats_a=3, compile_repeats=1, repeats_b=3,
                     min_sample_b=0.005, tols_b=(1e-4, 1e-8), tols_e=(1e-5,),
-                    repeats_c=3, evals_c=200)
+                    outputs_b=(10, 1_000), repeats_c=3, evals_c=200)
     # Many short rounds: a burst of load from other processes then spoils few of them.
     return dict(quick=False, repeats_a=15, compile_repeats=3, repeats_b=21,
-                min_sample_b=0.01, tols_b=TOLS_B, tols_e=TOLS_E, repeats_c=15, evals_c=1000)
+                min_sample_b=0.01, tols_b=TOLS_B, tols_e=TOLS_E, outputs_b=(10, 1_000, 5_000),
+                repeats_c=15, evals_c=1000)
 
 
 # ================================================================ (a) and (c)
@@ -597,12 +598,14 @@ def section_b(cfg: dict, cache: dict, name: str = "b") -> dict:
         targets.append({"target": f"dopri5: time per solve <= 1.0x {JODE} (geo. mean)",
                         "value": geo, "met": geo <= 1.0})
     fixed = _fixed_cost(cfg) if name == "b" else None
+    many = _many_outputs(cfg) if name == "b" else None
     print(table(f"({name}) summary over problems and tolerances (jaxode/diffrax; the last "
                 f"row jaxode/{JODE})",
                 ["method", "time geo", "time min", "time max", "NFE geo", "error geo",
                  "error <= diffrax"], summary))
     _print_targets(f"({name}) targets", targets)
-    return {"rows": rows, "targets": targets, "tols": list(tols), "fixed_cost": fixed}
+    return {"rows": rows, "targets": targets, "tols": list(tols), "fixed_cost": fixed,
+            "many_outputs": many}
 
 
 def _fixed_cost(cfg: dict) -> dict:
@@ -651,6 +654,63 @@ def _fixed_cost(cfg: dict) -> dict:
         "jax.jit a program that holds one\ncosts no more, while its compiled executable "
         "(jax.jit(f).lower(...).compile()) called directly pays for it on every call."))
     return out
+
+
+def _many_outputs(cfg: dict) -> list:
+    """A small solve saved at many times: Lotka-Volterra, dopri5, tol 1e-8, with 10 to
+    5,000 evenly spaced outputs (a dense trajectory, as a fit to a time series takes)."""
+    import diffrax
+    import jax
+    import jax.experimental.ode as jode
+    import jax.numpy as jnp
+
+    import jaxode
+
+    f, y0_list, t_end = PROBLEMS_B["lotka-volterra"]
+    field = lambda y, t, p: f(y, t, jnp)  # noqa: E731
+    y0, tol = jnp.asarray(y0_list, jnp.float64), 1e-8
+    candidates, found = {}, {}
+    for num in cfg["outputs_b"]:
+        ts = jnp.linspace(0.0, t_end, num)
+        candidates[("jaxode", num)] = lambda y, ts=ts: jaxode.solve(
+            field, y, ts, None, rtol=tol, atol=tol, max_steps=MAX_STEPS_B, dense=False).zs
+        candidates[("diffrax", num)] = lambda y, ts=ts: diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: field(y, t, args)), diffrax.Dopri5(), 0.0,
+            t_end, None, y, saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+            max_steps=MAX_STEPS_B).ys
+        candidates[(JODE, num)] = lambda y, ts=ts: jode.odeint(
+            field, y, ts, None, rtol=tol, atol=tol, mxstep=MAX_STEPS_B)
+    timed = {}
+    for key, fn in candidates.items():
+        jitted = jax.jit(fn)
+        found[key] = {"zs": np.asarray(jitted(y0)), "one_function": _loop_is_one_function(
+            jitted, y0)}
+        timed["/".join(map(str, key))] = lambda j=jitted: j(y0)
+    times = time_interleaved(timed, cfg["repeats_b"], cfg["min_sample_b"])
+    rows = []
+    for num in cfg["outputs_b"]:
+        row = {"outputs": num}
+        for system in ("jaxode", "diffrax", JODE):
+            row[system] = {"time_s": times[f"{system}/{num}"]["median"],
+                           "one_function": found[(system, num)]["one_function"],
+                           "max_difference_to_jaxode": float(np.max(np.abs(
+                               found[(system, num)]["zs"] - found[("jaxode", num)]["zs"])))}
+        row["time_ratio"] = paired_ratio(times, f"jaxode/{num}", f"diffrax/{num}")
+        row["time_ratio_jode"] = paired_ratio(times, f"jaxode/{num}", f"{JODE}/{num}")
+        rows.append(row)
+    print(table(
+        f"(b) many outputs: lotka-volterra, dopri5, tol {tol:g}, outputs evenly spaced",
+        ["outputs", "us jaxode", "us diffrax", f"us {JODE}", "time j/d", f"time j/{JODE}",
+         "loop 1 fn j/d/jode", "max |zs - zs j| d/jode"],
+        [[fmt(r["outputs"]), us(r["jaxode"]["time_s"]), us(r["diffrax"]["time_s"]),
+          us(r[JODE]["time_s"]), fmt(r["time_ratio"], ".2f"), fmt(r["time_ratio_jode"], ".2f"),
+          "/".join("yes" if r[s]["one_function"] else "no" for s in ("jaxode", "diffrax", JODE)),
+          "/".join(fmt(r[s]["max_difference_to_jaxode"], ".1e") for s in ("diffrax", JODE))]
+         for r in rows],
+        "A jaxode loop is one function while its output buffers hold <= 16,384 elements "
+        "(jaxode.xla_cpu.BUFFER_SIZE)."))
+    return rows
 
 
 # ================================================================ driver
