@@ -16,9 +16,11 @@
 (odenet) one ODE-Net training step (`benchmarks.odenet_step`'s MNIST architecture:
     forward, adjoint gradient, SGD-momentum update) with adams and with dopri5 at rtol =
     atol = 1e-5, float32: time per step, forward and backward NFE. Target: adams takes
-    fewer evaluations and less time. And the ODE block's forward solve in float64 at
-    1e-4 ... 1e-6 against a tight reference: NFE and the true error of each solver (the
-    ReLU field's kinks make dopri5's error estimate far too optimistic).
+    fewer evaluations and less time. Before it, the ODE block's forward solve in float64
+    at 1e-4 ... 1e-6 against a tight reference: NFE and the true error of each solver (the
+    ReLU field's kinks make dopri5's error estimate far too optimistic); and after it, a
+    step with adams at the loosest of its tolerances there (1e-4, 7e-5, ... 1e-6) at
+    which its error is at most dopri5's at 1e-5 (the comparison at equal error).
 
 Each JAX system is compiled once with traced tolerances; the times of one problem are
 sampled round-robin (`common.time_interleaved`), so load from other processes falls
@@ -58,6 +60,10 @@ EXTRA_ADAMS_TOLS = (1e-11, 1e-12)
 JAXODE = ("adams", "dopri5", "tsit5", "dopri8")
 DIFFRAX = ("dopri5", "tsit5", "dopri8")
 MAX_STEPS = 100_000
+ODENET_TOL = 1e-5  # the training step's target tolerance
+ODENET_PRECISION_TOLS = {"dopri5": (1e-4, 1e-5, 1e-6),
+                         # finer, to find the tolerance of dopri5's error at 1e-5
+                         "adams": (1e-4, 7e-5, 5e-5, 3e-5, 2e-5, 1e-5, 1e-6)}
 
 
 def _jaxode_fn(field, t_end, method, ts=None):
@@ -259,27 +265,28 @@ def section_mlp(cfg):
     return {"rows": rows, "targets": targets}
 
 
+def _odenet_step(method, tol, cfg):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.multistep", "--odenet-worker", method,
+         "--odenet-tol", str(tol), "--odenet-batch", str(cfg["odenet_batch"]),
+         "--repeats", str(cfg["odenet_repeats"])],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    return {"tol": tol, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def _matched_tol(precision, tol=ODENET_TOL):
+    """The loosest tolerance at which adams' true error is at most dopri5's at `tol`."""
+    error = lambda solver, t: next(r["error"] for r in precision["rows"]  # noqa: E731
+                                   if r["solver"] == solver and r["tol"] == t)
+    fits = [t for t in ODENET_PRECISION_TOLS["adams"]
+            if error("adams", t) <= error("dopri5", tol)]
+    return max(fits) if fits else None
+
+
 def section_odenet(cfg):
-    """In a child process (float32): adams and dopri5 at rtol = atol = 1e-5."""
-    results = []
-    for method in ("dopri5", "adams"):
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.multistep", "--odenet-worker", method,
-             "--odenet-batch", str(cfg["odenet_batch"]), "--repeats", str(cfg["odenet_repeats"])],
-            cwd=ROOT, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    d, a = results
-    print(table(f"(odenet) one ODE-Net training step, batch {cfg['odenet_batch']}, 64 channels, "
-                "rtol = atol = 1e-5, float32",
-                ["solver", "step ms", "compile s", "forward NFE", "backward NFE", "loss"],
-                [[r["solver"], ms(r["step_s"]), fmt(r["compile_s"], ".1f"),
-                  fmt(r["forward_nfe"]), fmt(r["backward_nfe"]), fmt(r["loss"], ".5f")]
-                 for r in results]), flush=True)
-    nfe = lambda r: r["forward_nfe"] + r["backward_nfe"]  # noqa: E731
-    target = {"nfe_ratio": nfe(a) / nfe(d), "time_ratio": a["step_s"] / d["step_s"],
-              "met": nfe(a) < nfe(d) and a["step_s"] < d["step_s"]}
-    print(f"adams / dopri5: NFE {target['nfe_ratio']:.2f}x, time {target['time_ratio']:.2f}x, "
-          f"target met: {fmt(target['met'])}", flush=True)
+    """In child processes: the ODE block's true error (float64), then one training step
+    (float32) with dopri5 and adams at rtol = atol = 1e-5, and with adams at the
+    tolerance that matches dopri5's error at 1e-5."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.multistep", "--odenet-worker",
                           "precision"], cwd=ROOT, capture_output=True, text=True, check=True)
     precision = json.loads(out.stdout.strip().splitlines()[-1])
@@ -288,7 +295,35 @@ def section_odenet(cfg):
                 ["solver", "rtol = atol", "NFE", "relative error"],
                 [[r["solver"], fmt(r["tol"], ".0e"), fmt(r["nfe"]), fmt(r["error"], ".2e")]
                  for r in precision["rows"]]), flush=True)
-    return {"rows": results, "target": target, "precision": precision}
+    matched = _matched_tol(precision)
+    runs = [("dopri5", ODENET_TOL), ("adams", ODENET_TOL)]
+    if matched is not None and matched != ODENET_TOL:
+        runs.append(("adams", matched))
+    results = [_odenet_step(method, tol, cfg) for method, tol in runs]
+    print(table(f"(odenet) one ODE-Net training step, batch {cfg['odenet_batch']}, 64 channels, "
+                "float32",
+                ["solver", "rtol = atol", "step ms", "compile s", "forward NFE", "backward NFE",
+                 "loss"],
+                [[r["solver"], fmt(r["tol"], ".0e"), ms(r["step_s"]), fmt(r["compile_s"], ".1f"),
+                  fmt(r["forward_nfe"]), fmt(r["backward_nfe"]), fmt(r["loss"], ".5f")]
+                 for r in results]), flush=True)
+    nfe = lambda r: r["forward_nfe"] + r["backward_nfe"]  # noqa: E731
+
+    def compare(a, d):
+        return {"adams_tol": a["tol"], "nfe_ratio": nfe(a) / nfe(d),
+                "time_ratio": a["step_s"] / d["step_s"],
+                "met": nfe(a) < nfe(d) and a["step_s"] < d["step_s"]}
+
+    target = compare(results[1], results[0])
+    print(f"adams / dopri5 at rtol {ODENET_TOL:g}: NFE {target['nfe_ratio']:.2f}x, time "
+          f"{target['time_ratio']:.2f}x, target met: {fmt(target['met'])}", flush=True)
+    equal_error = compare(results[-1], results[0]) if len(results) > 2 else None
+    if equal_error:
+        print(f"at equal error (adams at {matched:g}, whose float64 error is at most dopri5's "
+              f"at {ODENET_TOL:g}): NFE {equal_error['nfe_ratio']:.2f}x, time "
+              f"{equal_error['time_ratio']:.2f}x", flush=True)
+    return {"rows": results, "target": target, "equal_error": equal_error,
+            "precision": precision}
 
 
 def precision_worker():
@@ -314,7 +349,7 @@ def precision_worker():
     ref = jaxode.solve(field, h, ts, solver="dopri5", rtol=1e-9, atol=1e-9, max_steps=50_000)
     rows = []
     for method in ("dopri5", "adams"):
-        for tol in (1e-4, 1e-5, 1e-6):
+        for tol in ODENET_PRECISION_TOLS[method]:
             sol = jaxode.solve(field, h, ts, solver=method, rtol=tol, atol=tol)
             error = jnp.linalg.norm(sol.zs[-1] - ref.zs[-1]) / jnp.linalg.norm(ref.zs[-1])
             rows.append({"solver": method, "tol": tol, "nfe": int(sol.stats["nfe"]),
@@ -322,14 +357,14 @@ def precision_worker():
     print(json.dumps({"reference_nfe": int(ref.stats["nfe"]), "rows": rows}))
 
 
-def odenet_worker(method, batch, repeats):
+def odenet_worker(method, tol, batch, repeats):
     import jax
 
     import jaxode.nn as nn
 
     from .odenet_step import features_block, measure_step
 
-    model = nn.ODENet(channels=64, solver=method, rtol=1e-5, atol=1e-5,
+    model = nn.ODENet(channels=64, solver=method, rtol=tol, atol=tol,
                       key=jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 1, 28, 28))
     y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
@@ -344,6 +379,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run")
     parser.add_argument("--odenet-batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--odenet-tol", type=float, default=ODENET_TOL, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "multistep.json"))
     parser.add_argument("--odenet-worker", choices=("dopri5", "adams", "precision"),
                         help=argparse.SUPPRESS)
@@ -352,7 +388,7 @@ def main(argv=None):
         precision_worker()
         return
     if args.odenet_worker:
-        odenet_worker(args.odenet_worker, args.odenet_batch, args.repeats or 3)
+        odenet_worker(args.odenet_worker, args.odenet_tol, args.odenet_batch, args.repeats or 3)
         return
     import jax
 

@@ -72,25 +72,21 @@ def _coefficients(h, s):
     I[j, m] the coefficient of θ^(m+1) in ∫_0^θ P_j, so g_j = Σ_m I[j, m]. Every
     coefficient of P_j is non-negative: the sums do not cancel."""
     rows = s.shape[0]
-    h = h.astype(s.dtype)
-    a = h + s
-    alpha, sigma = h / a, s / a
+    a, beta = _ratios(h, s)
+    alpha, sigma = h.astype(s.dtype) / a, s / a
     polys = [jnp.zeros((rows,), s.dtype).at[0].set(1)]
     for j in range(rows - 1):
         prev = polys[-1]
         shifted = jnp.concatenate([jnp.zeros((1,), s.dtype), prev[:-1]])
         polys.append(alpha[j] * shifted + sigma[j] * prev)
     integ = jnp.stack(polys) / jnp.arange(1, rows + 1, dtype=s.dtype)
-    b = s[1:]
-    ratio = jnp.where(b > 0, a[:-1] / jnp.where(b > 0, b, 1), 0)
-    beta = jnp.concatenate([jnp.ones((1,), s.dtype), jnp.cumprod(ratio)])
     return a, beta, integ
 
 
-def _below(rows, dtype, strict=True):
-    """The (strictly) lower triangular matrix of ones: cumulative sums as one product
+def _below(rows, dtype):
+    """The strictly lower triangular matrix of ones: cumulative sums as one product
     (XLA:CPU runs a cumsum over a few rows as many small operations)."""
-    return jnp.asarray(np.tril(np.ones((rows, rows)), -1 if strict else 0), dtype)
+    return jnp.asarray(np.tril(np.ones((rows, rows)), -1), dtype)
 
 
 def _ratios(h, s):
