@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.solve
 	$(BIN)/python -m benchmarks.gradients
+	$(BIN)/python -m benchmarks.small_gradients
 	$(BIN)/python -m benchmarks.work_precision
 	$(BIN)/python -m benchmarks.models
 	$(BIN)/python -m benchmarks.odenet_step
