@@ -65,11 +65,7 @@ def _loss(system: str, ts, data, tol):
     elif system.startswith("diffrax"):
         adjoint = (diffrax.BacksolveAdjoint() if system.endswith("BacksolveAdjoint")
                    else diffrax.RecursiveCheckpointAdjoint())
-        solve = lambda p: diffrax.diffeqsolve(  # noqa: E731
-            diffrax.ODETerm(lambda t, y, args: lotka_volterra(y, t, args)), diffrax.Dopri5(),
-            0.0, T_END, None, y0, args=p, saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol), adjoint=adjoint,
-            max_steps=100_000).ys
+        solve = lambda p: _diffrax_solve(ts, p, tol, adjoint)  # noqa: E731
     else:
         solve = lambda p: jode.odeint(lotka_volterra, y0, ts, p, rtol=tol,  # noqa: E731
                                       atol=tol, mxstep=100_000)
@@ -85,7 +81,7 @@ def worker(repeats: int) -> None:
     rows = []
     for num in OUTPUTS:
         ts = jnp.linspace(0.0, T_END, num)
-        data = jax.jit(lambda p: _solve_values(ts, p))(1.1 * p)
+        data = jax.jit(lambda p: _diffrax_solve(ts, p, REF_TOL))(1.1 * p)
         ref = np.asarray(jax.grad(_loss("diffrax RecursiveCheckpoint", ts, data, REF_TOL))(p))
         grads = {s: jax.jit(jax.grad(_loss(s, ts, data, TOL))) for s in SYSTEMS}
         errors = {s: float(np.linalg.norm(np.asarray(g(p)) - ref) / np.linalg.norm(ref))
@@ -97,15 +93,15 @@ def worker(repeats: int) -> None:
     print(json.dumps(rows))
 
 
-def _solve_values(ts, p):
+def _diffrax_solve(ts, p, tol, adjoint=None):
     import diffrax
     import jax.numpy as jnp
 
     return diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: lotka_volterra(y, t, args)), diffrax.Dopri5(),
         0.0, T_END, None, jnp.array([1.0, 1.0]), args=p, saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=REF_TOL, atol=REF_TOL),
-        max_steps=100_000).ys
+        stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+        adjoint=adjoint or diffrax.RecursiveCheckpointAdjoint(), max_steps=100_000).ys
 
 
 def main(argv=None) -> None:
