@@ -88,6 +88,30 @@ def test_a_small_solve_runs_as_one_function_and_is_right(num_ts):
     np.testing.assert_allclose(jax.jit(solve)(z0), _exact(ts, z0), rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("solver", ["adams", "explicit_adams", "implicit_adams"])
+def test_a_small_multistep_solve_runs_as_one_function_and_is_right(solver):
+    # The Adams methods' weighted sums over a small history are elementwise, not
+    # matrix products, so that their loops qualify.
+    ts = jnp.linspace(0.0, 3.0, 11)
+    z0 = jnp.array([1.0, 0.5])
+    dt0 = None if solver == "adams" else 0.005
+    solve = lambda z0: jaxode.odeint(_rotation, z0, ts, None, solver=solver, rtol=1e-10,
+                                     atol=1e-10, dt0=dt0)
+    assert TAG in _hlo(solve, z0)
+    np.testing.assert_allclose(jax.jit(solve)(z0), _exact(ts, z0), rtol=1e-7, atol=1e-8)
+
+
+def test_adams_weighted_sums_agree_as_products_and_elementwise(monkeypatch):
+    from jaxode.solvers import adams
+
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 14)))
+    rows = jnp.asarray(np.random.default_rng(1).normal(size=(14, 5)))
+    elementwise = adams._weighted(weights, rows)  # 3 x 14 x 5 = 210 elements: small
+    monkeypatch.setattr(adams, "SMALL_HISTORY", 0)
+    np.testing.assert_allclose(elementwise, adams._weighted(weights, rows), rtol=1e-12)
+    np.testing.assert_allclose(elementwise, weights @ rows, rtol=1e-12)
+
+
 def test_solves_that_one_function_cannot_compile_keep_the_kernels():
     ts = jnp.linspace(0.0, 3.0, 5)
     z0 = jnp.array([1.0, 0.5])

@@ -40,6 +40,9 @@ from .base import AbstractSolver, Step
 from .rk import RK4, Bosh3, Dopri5, Dopri8, Heun, polynomial
 
 MAX_FIXED_ORDER = 8
+# Weighted sums over a history of at most this many (weights x state) elements are
+# elementwise (see `_weighted`).
+SMALL_HISTORY = 1024
 
 
 def _am_error_constants(count):
@@ -74,7 +77,7 @@ def _coefficients(h, s):
     rows = s.shape[0]
     a, beta = _ratios(h, s)
     alpha, sigma = h.astype(s.dtype) / a, s / a
-    polys = [jnp.zeros((rows,), s.dtype).at[0].set(1)]
+    polys = [jnp.asarray(np.eye(rows)[0], s.dtype)]
     for j in range(rows - 1):
         prev = polys[-1]
         shifted = jnp.concatenate([jnp.zeros((1,), s.dtype), prev[:-1]])
@@ -95,7 +98,7 @@ def _ratios(h, s):
     a = h + s
     b = s[1:]
     ratio = jnp.where(b > 0, a[:-1] / jnp.where(b > 0, b, 1), 0)
-    return a, jnp.concatenate([jnp.ones((1,), s.dtype), jnp.cumprod(ratio)])
+    return a, jnp.concatenate([jnp.ones((1,), s.dtype), _cumprod(ratio)])
 
 
 def _gauss(rows):
@@ -113,18 +116,35 @@ def _quadrature(alpha, sigma, theta):
     # (Not as exp Σ log: θ outside [0, 1], masked by the loop, may make a factor <= 0.)
     factors = alpha[:-1, None] * x[None] + sigma[:-1, None]
     values = jnp.concatenate([jnp.ones((1, x.shape[0]), alpha.dtype),
-                              jnp.cumprod(factors, axis=0)])
-    return theta * (values @ jnp.asarray(w, alpha.dtype))
+                              _cumprod(factors)])
+    return theta * jnp.sum(values * jnp.asarray(w, alpha.dtype), axis=1)
 
 
 def _weighted(weights, rows):
-    """Σ_j w_j rows_j."""
-    return jnp.tensordot(weights.astype(rows.dtype), rows, 1)
+    """Σ_j w_j rows_j for weights (rows,), or (m, rows) for m such sums. A small history's
+    as elementwise products and a sum, which XLA:CPU compiles into a one-function loop
+    (`jaxode.xla_cpu`; a matrix product it does not); a large one's as a matrix product,
+    which reads each row once."""
+    weights = weights.astype(rows.dtype)
+    if weights.size * rows.shape[-1] > SMALL_HISTORY:
+        return weights @ rows
+    return jnp.sum(weights[..., None] * rows, axis=-2)
 
 
-def _advance(history: History, phistar, f1, a, points, order):
-    """The history after the step: Φ_j(n+1) = f1 - Σ_{i<j} Φ*_i, s'_i = a_{i-1}."""
-    partial = _below(phistar.shape[0], phistar.dtype) @ phistar
+def _cumprod(x):
+    """The cumulative product along the first axis, unrolled: a few rows, which XLA:CPU
+    would otherwise run as a window reduction."""
+    products = [x[0]]
+    for row in x[1:]:
+        products.append(products[-1] * row)
+    return jnp.stack(products)
+
+
+def _advance(history: History, kept, f1, a, points, order):
+    """The history after the step: Φ_j(n+1) = f1 - Σ_{i<j} Φ*_i, s'_i = a_{i-1}, with
+    Φ*_i = kept_i Φ_i(n) (kept_i: β_i, or 0 for a row the formula leaves out)."""
+    phi = history.phi
+    partial = _weighted(_below(phi.shape[0], phi.dtype) * kept.astype(phi.dtype)[None], phi)
     s_new = jnp.concatenate([jnp.zeros((1,), a.dtype), a[:-1]])
     count = jnp.minimum(history.count + 1, points)
     return History(f1[None] - partial, s_new, count.astype(jnp.int32), order.astype(jnp.int32))
@@ -192,10 +212,9 @@ class _FixedAdams(AbstractSolver):
                 t, z, dt, history = operands
                 rk = starter.step(f, t, z, dt, history.phi[0])
                 _, beta, _ = _coefficients(dt, history.s)
-                phistar = jnp.where((jnp.arange(self._rows) < history.count)[:, None],
-                                    beta[:, None] * history.phi, 0)
+                kept = jnp.where(jnp.arange(self._rows) < history.count, beta, 0)
                 a = dt.astype(history.s.dtype) + history.s
-                new = _advance(history, phistar, rk.state, a, self._points, history.order)
+                new = _advance(history, kept, rk.state, a, self._points, history.order)
                 multi = self._multistep(f, t, z, dt, history)
                 pick = lambda x, y: jnp.where(starting, x, y)
                 return jax.tree_util.tree_map(pick, (rk.z, _pad(rk.dense, self._dense_rows),
@@ -228,11 +247,12 @@ class ExplicitAdams(_FixedAdams):
         rows, k = self._rows, self.order
         a, beta, integ = _coefficients(dt, history.s)
         use = jnp.arange(rows) < jnp.minimum(k, history.count)
-        phistar = jnp.where(use[:, None], beta[:, None] * history.phi, 0)
+        kept = jnp.where(use, beta, 0)
+        phistar = kept[:, None].astype(z.dtype) * history.phi
         z1 = z + dt * _weighted(integ.sum(1), phistar)
         f1 = f(t + dt, z1)
-        new = _advance(history, phistar, f1, a, self._points, history.order)
-        dense = _pad(integ.T.astype(z.dtype) @ phistar, self._dense_rows)
+        new = _advance(history, kept, f1, a, self._points, history.order)
+        dense = _pad(_weighted(integ.T, phistar), self._dense_rows)
         return z1, dense, new, jnp.int32(1), jnp.asarray(True)
 
 
@@ -264,7 +284,8 @@ class ImplicitAdams(_FixedAdams):
         a, beta, integ = _coefficients(dt, history.s)
         g = integ.sum(1)
         use = jnp.arange(rows) < jnp.minimum(q, history.count)
-        phistar = jnp.where(use[:, None], beta[:, None] * history.phi, 0)
+        kept = jnp.where(use, beta, 0)
+        phistar = kept[:, None].astype(z.dtype) * history.phi
         total = jnp.sum(phistar, axis=0)
         p = z + dt * _weighted(g, phistar)
         t1 = t + dt
@@ -284,12 +305,12 @@ class ImplicitAdams(_FixedAdams):
         z1, slope, converged, iters = eqxi.while_loop(
             lambda carry: ~carry[2], body, init, max_steps=self.max_iters, kind="bounded")
         f1 = f(t1, z1)
-        new = _advance(history, phistar, f1, a, self._points, history.order)
+        new = _advance(history, kept, f1, a, self._points, history.order)
         if c < q:  # order 1, backward Euler: z(θ) = z_n + θ h f(t1, z1)
-            psi = jnp.zeros_like(phistar).at[0].set(slope)
+            psi = jnp.where((jnp.arange(rows) == 0)[:, None], slope, 0)
         else:
-            psi = phistar.at[c].set(slope - total)
-        dense = _pad(integ.T.astype(z.dtype) @ psi, self._dense_rows)
+            psi = jnp.where((jnp.arange(rows) == c)[:, None], slope - total, phistar)
+        dense = _pad(_weighted(integ.T, psi), self._dense_rows)
         return z1, dense, new, iters + 1, converged
 
 
@@ -341,10 +362,12 @@ class Adams(AbstractSolver):
         alpha, sigma = dt.astype(a.dtype) / a, history.s / a
         g = _quadrature(alpha, sigma, jnp.ones((), a.dtype))
         j = jnp.arange(rows)
-        phistar = jnp.where((j < history.count)[:, None], beta[:, None] * history.phi, 0)
-        predict = (j < k).astype(g.dtype)
-        total = _weighted(predict, phistar)
-        p = z + dt * _weighted(predict * g, phistar)
+        # Φ*_j = β_j Φ_j (0 past the history) is folded into each weighted sum of the
+        # rows, so that the (rows, n) history is read, not copied, by each.
+        kept = jnp.where(j < history.count, beta, 0)
+        predict = (j < k).astype(g.dtype) * kept
+        total, increment = _weighted(jnp.stack([predict, predict * g]), history.phi)
+        p = z + dt * increment
         t1 = t + dt
         fp = f(t1, p)
         phi_k = fp - total
@@ -361,10 +384,11 @@ class Adams(AbstractSolver):
         norm = lambda v: jnp.sqrt(jnp.mean(jnp.square(jnp.abs(v) / scale)))
         gstar = jnp.asarray(_am_error_constants(rows + 1), real)
         sig = jnp.concatenate([jnp.ones((1,), real),
-                               jnp.cumprod(jnp.arange(1, rows, dtype=real) * alpha[:-1])])
-        phi_km1 = phi_k + phistar[jnp.maximum(k - 1, 0)]
-        phi_km2 = phi_km1 + phistar[jnp.maximum(k - 2, 0)]
-        new = _advance(history, phistar, f1, a, rows, k)
+                               _cumprod(jnp.arange(1, rows, dtype=real) * alpha[:-1])])
+        row = lambda i: kept[i].astype(z.dtype) * history.phi[i]  # noqa: E731
+        phi_km1 = phi_k + row(jnp.maximum(k - 1, 0))
+        phi_km2 = phi_km1 + row(jnp.maximum(k - 2, 0))
+        new = _advance(history, kept, f1, a, rows, k)
         phi_kp1 = new.phi[jnp.minimum(k + 1, rows - 1)]
         err_k = sig[k] * gstar[k] * norm(phi_k)
         err_km1 = sig[k - 1] * gstar[k - 1] * norm(phi_km1)
@@ -380,7 +404,8 @@ class Adams(AbstractSolver):
         new = new._replace(order=k_new.astype(jnp.int32))
 
         # Dense output: z(t_n + θh) = z_n + h Σ_j G_j(θ) Ψ_j, Ψ = (Φ*_0..Φ*_{k-1}, Φ^p_k).
-        psi = jnp.where((j < k)[:, None], phistar, jnp.where((j == k)[:, None], phi_k[None], 0))
+        psi = jnp.where((j < k)[:, None], kept[:, None].astype(z.dtype) * history.phi,
+                        jnp.where((j == k)[:, None], phi_k[None], 0))
         return Step(z=z1, error=error, dense=(psi, alpha, sigma), state=new,
                     stats={"nfe": jnp.int32(2)})
 
