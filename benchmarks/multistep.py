@@ -266,6 +266,7 @@ def section_mlp(cfg):
 
 
 def _odenet_step(method, tol, cfg):
+    """One training step with `method` at rtol = atol = tol, in a child process."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.multistep", "--odenet-worker", method,
          "--odenet-tol", str(tol), "--odenet-batch", str(cfg["odenet_batch"]),

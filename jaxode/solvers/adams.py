@@ -131,6 +131,11 @@ def _weighted(weights, rows):
     return jnp.sum(weights[..., None] * rows, axis=-2)
 
 
+def _starred(kept, phi):
+    """Φ*_j = kept_j Φ_j for the rows phi (rows, n), or for one row."""
+    return kept[..., None].astype(phi.dtype) * phi
+
+
 def _cumprod(x):
     """The cumulative product along the first axis, unrolled: a few rows, which XLA:CPU
     would otherwise run as a window reduction."""
@@ -211,9 +216,8 @@ class _FixedAdams(AbstractSolver):
             def start(operands):
                 t, z, dt, history = operands
                 rk = starter.step(f, t, z, dt, history.phi[0])
-                _, beta, _ = _coefficients(dt, history.s)
+                a, beta = _ratios(dt, history.s)
                 kept = jnp.where(jnp.arange(self._rows) < history.count, beta, 0)
-                a = dt.astype(history.s.dtype) + history.s
                 new = _advance(history, kept, rk.state, a, self._points, history.order)
                 multi = self._multistep(f, t, z, dt, history)
                 pick = lambda x, y: jnp.where(starting, x, y)
@@ -248,7 +252,7 @@ class ExplicitAdams(_FixedAdams):
         a, beta, integ = _coefficients(dt, history.s)
         use = jnp.arange(rows) < jnp.minimum(k, history.count)
         kept = jnp.where(use, beta, 0)
-        phistar = kept[:, None].astype(z.dtype) * history.phi
+        phistar = _starred(kept, history.phi)
         z1 = z + dt * _weighted(integ.sum(1), phistar)
         f1 = f(t + dt, z1)
         new = _advance(history, kept, f1, a, self._points, history.order)
@@ -285,7 +289,7 @@ class ImplicitAdams(_FixedAdams):
         g = integ.sum(1)
         use = jnp.arange(rows) < jnp.minimum(q, history.count)
         kept = jnp.where(use, beta, 0)
-        phistar = kept[:, None].astype(z.dtype) * history.phi
+        phistar = _starred(kept, history.phi)
         total = jnp.sum(phistar, axis=0)
         p = z + dt * _weighted(g, phistar)
         t1 = t + dt
@@ -385,7 +389,7 @@ class Adams(AbstractSolver):
         gstar = jnp.asarray(_am_error_constants(rows + 1), real)
         sig = jnp.concatenate([jnp.ones((1,), real),
                                _cumprod(jnp.arange(1, rows, dtype=real) * alpha[:-1])])
-        row = lambda i: kept[i].astype(z.dtype) * history.phi[i]  # noqa: E731
+        row = lambda i: _starred(kept[i], history.phi[i])  # noqa: E731
         phi_km1 = phi_k + row(jnp.maximum(k - 1, 0))
         phi_km2 = phi_km1 + row(jnp.maximum(k - 2, 0))
         new = _advance(history, kept, f1, a, rows, k)
@@ -404,7 +408,7 @@ class Adams(AbstractSolver):
         new = new._replace(order=k_new.astype(jnp.int32))
 
         # Dense output: z(t_n + θh) = z_n + h Σ_j G_j(θ) Ψ_j, Ψ = (Φ*_0..Φ*_{k-1}, Φ^p_k).
-        psi = jnp.where((j < k)[:, None], kept[:, None].astype(z.dtype) * history.phi,
+        psi = jnp.where((j < k)[:, None], _starred(kept, history.phi),
                         jnp.where((j == k)[:, None], phi_k[None], 0))
         return Step(z=z1, error=error, dense=(psi, alpha, sigma), state=new,
                     stats={"nfe": jnp.int32(2)})
